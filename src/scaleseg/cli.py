@@ -1,0 +1,119 @@
+"""Command line: ``scaleseg train|eval|predict|demo``. Any config key can be overridden as key=value."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .config import Config, load_config, to_yaml
+from .errors import ScalesegError
+
+
+def _split_overrides(items: list[str]) -> tuple[list[str], list[str]]:
+    """Separate ``key=value`` overrides from positional inputs (an existing path is never an override)."""
+    overrides, rest = [], []
+    for item in items:
+        if "=" in item and not Path(item).exists():
+            overrides.append(item)
+        else:
+            rest.append(item)
+    return overrides, rest
+
+
+def _scales(text: str) -> list[float]:
+    try:
+        return [float(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--scales expects comma-separated numbers like 0.5,1.0,2.0, got '{text}'") from None
+
+
+def _eval_overrides(args: argparse.Namespace) -> list[str]:
+    extra = []
+    if getattr(args, "scales", None):
+        extra.append(f"eval.scales=[{','.join(str(s) for s in args.scales)}]")
+    if getattr(args, "flip", False):
+        extra.append("eval.flip=true")
+    return extra
+
+
+def _load(args: argparse.Namespace, overrides: list[str]) -> Config:
+    cfg = load_config(args.config, overrides + _eval_overrides(args))
+    if not getattr(args, "quiet", False):
+        print("# resolved config\n" + to_yaml(cfg), file=sys.stderr)
+    return cfg
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="scaleseg", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a model from a YAML config")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. train.epochs=5")
+    p.add_argument("--resume", help="checkpoint to resume from, or 'auto' for the latest in output_dir")
+    p.add_argument("--quiet", action="store_true", help="do not print the resolved config")
+
+    for name, helptext in (("eval", "evaluate a checkpoint on data.val_split"),
+                           ("predict", "write label, colour and overlay PNGs for images")):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("config")
+        p.add_argument("items", nargs="*", help="key=value overrides" + ("" if name == "eval" else " and input files/folders"))
+        p.add_argument("--checkpoint", required=True)
+        p.add_argument("--out", required=True)
+        p.add_argument("--scales", type=_scales, help="inference scales, e.g. 0.5,1.0,2.0")
+        p.add_argument("--flip", action="store_true", help="average logits with a horizontal flip")
+        p.add_argument("--quiet", action="store_true")
+        if name == "eval":
+            p.add_argument("--dump-scales", action="store_true", help="also write per-scale predictions and attention maps")
+        if name != "eval":
+            p.add_argument("--batch-size", type=int, default=4)
+
+    p = sub.add_parser("demo", help="train and evaluate a small model on the embedded ScaleScenes data")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--quiet", action="store_true")
+    return parser
+
+
+def run(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "train":
+        from .engine.train import train
+
+        train(_load(args, args.overrides), resume=args.resume)
+    elif args.command == "eval":
+        from .engine.evaluate import evaluate
+
+        overrides, rest = _split_overrides(args.items)
+        if rest:
+            raise ScalesegError(f"eval takes only key=value overrides, got: {' '.join(rest)}")
+        evaluate(_load(args, overrides), args.checkpoint, args.out)
+    elif args.command == "predict":
+        from .engine.evaluate import predict
+
+        overrides, inputs = _split_overrides(args.items)
+        if not inputs:
+            raise ScalesegError("predict needs at least one input image or folder")
+        written = predict(_load(args, overrides), args.checkpoint, inputs, args.out, batch_size=args.batch_size)
+        print(f"wrote predictions for {len(written)} images to {args.out}")
+    elif args.command == "demo":
+        from .engine.demo import demo
+
+        demo(args.out, args.overrides, quiet=args.quiet)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        code = run(argv)
+    except ScalesegError as err:
+        print(f"scaleseg: error: {err}", file=sys.stderr)
+        code = 2
+    except KeyboardInterrupt:
+        print("scaleseg: interrupted; resume with --resume auto", file=sys.stderr)
+        code = 130
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

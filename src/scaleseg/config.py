@@ -1,0 +1,346 @@
+"""Experiment configuration: one flat YAML file per experiment, validated into typed dataclasses.
+
+Every key has a type and a default here, so the resolved config printed at the start of a run is the
+whole truth: no inheritance, no registries. Unknown or misspelled keys are errors, and any key can be
+overridden from the command line as ``section.key=value`` (the value is parsed as YAML).
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from .errors import ConfigError
+
+
+@dataclass
+class HMSAConfig:
+    """Hierarchical multi-scale attention (Tao et al. 2020) and its baselines."""
+
+    mode: Literal["none", "hierarchical", "explicit"] = "none"
+    train_scales: list[float] = field(default_factory=lambda: [0.5, 1.0])
+    explicit_scales: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
+    per_scale_weight: float = 0.05
+    attn_channels: int = 256
+
+
+@dataclass
+class MCIBIConfig:
+    """Dataset-level memory context (Jin et al. 2021)."""
+
+    enabled: bool = False
+    channels: int = 512
+    momentum: float = 0.9
+    init: Literal["mean", "random_pixel"] = "mean"
+    full_resolution: bool = False
+    memory_loss_weight: float = 1.0
+    memory_loss_warmup_epochs: int = 1
+    context_loss_weight: float = 0.4
+
+
+@dataclass
+class DSRLConfig:
+    """Dual super-resolution learning (Wang et al. 2020)."""
+
+    enabled: bool = False
+    lr_scale: float = 0.5
+    upsample: Literal["bilinear", "sssr"] = "sssr"
+    sisr: bool = True
+    sr_weight: float = 0.1
+    fa_weight: float = 1.0
+    fa_subsample: int = 8
+    fa_max_block_mib: float = 64.0
+
+
+@dataclass
+class ModelConfig:
+    arch: Literal["deeplabv3plus", "deeplabv3", "fcn", "pspnet", "hrnet_ocr", "espnetv2"] = "deeplabv3plus"
+    backbone: str = "resnet50"
+    pretrained: bool = False
+    pretrained_file: str | None = None
+    output_stride: int = 16
+    aux_head: bool = False
+    aux_weight: float = 0.4
+    head_channels: int = 256
+    width: float = 2.0
+    hmsa: HMSAConfig = field(default_factory=HMSAConfig)
+    mcibi: MCIBIConfig = field(default_factory=MCIBIConfig)
+    dsrl: DSRLConfig = field(default_factory=DSRLConfig)
+
+
+@dataclass
+class AutolabelConfig:
+    """Auto-labelled images: pixels with confidence below ``threshold`` become ignore at load time."""
+
+    dir: str | None = None
+    threshold: float = 0.9
+
+
+@dataclass
+class DataConfig:
+    dataset: Literal["scalescenes", "camvid", "cityscapes", "mapillary", "ade20k", "folder"] = "scalescenes"
+    root: str | None = None
+    train_split: str = "train"
+    val_split: str = "val"
+    # dataset-specific options; each is passed only to datasets that accept it
+    classes: list[str] | None = None
+    palette: list[list[int]] | None = None
+    ignore_index: int | None = None
+    list_file: str | None = None
+    image_dir: str | None = None
+    mask_dir: str | None = None
+    version: str | None = None
+    label_type: str | None = None
+    num_images: int | None = None
+    image_size: list[int] | None = None
+    # augmentation
+    crop_size: list[int] = field(default_factory=lambda: [512, 1024])
+    scale_range: list[float] = field(default_factory=lambda: [0.5, 2.0])
+    base_size: int | None = None
+    interpolation: Literal["bilinear", "bicubic"] = "bilinear"
+    hflip: bool = True
+    color_jitter: float = 0.25
+    blur: bool = False
+    class_uniform_pct: float = 0.0
+    class_uniform_tile: int = 1024
+    autolabel: AutolabelConfig = field(default_factory=AutolabelConfig)
+
+
+@dataclass
+class LossConfig:
+    name: Literal["ce", "ohem", "rmi"] = "ce"
+    class_weights: list[float] | None = None
+    ohem_thresh: float = 0.7
+    ohem_min_kept: int = 100_000
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    nesterov: bool = False
+    poly_power: float = 0.9
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.1
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 8
+    num_workers: int = 2
+    precision: Literal["32", "16-mixed", "bf16-mixed"] = "32"
+    accelerator: str = "auto"
+    devices: int | str = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
+    sync_bn: bool = False
+    val_every_n_epochs: int = 1
+    log_every_n_steps: int = 10
+    limit_train_batches: int | None = None
+    progress: bool = True
+
+
+@dataclass
+class EvalConfig:
+    mode: Literal["whole", "slide"] = "whole"
+    crop_size: list[int] | None = None
+    stride: list[int] | None = None
+    flip: bool = False
+    scales: list[float] | None = None
+    scale_mode: Literal["avg", "max", "hierarchical"] = "avg"
+    batch_size: int = 1
+    num_workers: int = 2
+    base_size: int | None = None
+
+
+@dataclass
+class Config:
+    name: str = "experiment"
+    seed: int = 0
+    output_dir: str = "runs/experiment"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# --------------------------------------------------------------------------------------------------
+# validation
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        return f"list of {_type_name(inner)}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; ints are accepted where floats are expected."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for arm in typing.get_args(tp):
+            try:
+                return _coerce(value, arm, key)
+            except ConfigError as err:
+                errors.append(err)
+        raise ConfigError(f"config key '{key}' = {value!r}: expected {_type_name(tp)}")
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"config key '{key}' = {value!r}: expected null")
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise ConfigError(f"config key '{key}' = {value!r}: expected one of {_type_name(tp)}")
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}' = {value!r}: expected {_type_name(tp)}")
+        return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config section '{key}' = {value!r}: expected a mapping of keys")
+        return _build(tp, value, key + ".")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+    raise ConfigError(f"config key '{key}' = {value!r}: expected {_type_name(tp)}")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in hints:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
+            raise ConfigError(f"unknown config key '{prefix}{key}'{hint} (valid keys: {', '.join(names)})")
+        kwargs[key] = _coerce(value, hints[key], prefix + key)
+    obj = cls(**kwargs)
+    return obj
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    """Validate a nested mapping into a ``Config``; unknown keys and wrong types raise ConfigError."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"a config must be a mapping of sections, got {type(data).__name__}")
+    cfg = _build(Config, data)
+    check(cfg)
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"model.backbone=resnet50"`` → (["model", "backbone"], "resnet50"); the value is YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form section.key=value")
+    key, raw = text.split("=", 1)
+    if not key:
+        raise ConfigError(f"override '{text}' has no key")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key=value`` overrides to a raw mapping. Paths are checked against the schema."""
+    for text in overrides:
+        path, value = parse_override(text)
+        node: dict[str, Any] = data
+        cls: Any = Config
+        for depth, part in enumerate(path):
+            hints = typing.get_type_hints(cls)
+            prefix = ".".join(path[:depth])
+            if part not in hints:
+                names = list(hints)
+                close = difflib.get_close_matches(part, names, n=1)
+                hint = f"; did you mean '{'.'.join(path[:depth] + [close[0]])}'?" if close else ""
+                where = f"'{prefix}'" if prefix else "the top level"
+                raise ConfigError(f"unknown config key '{'.'.join(path)}' in override{hint} (keys of {where}: {', '.join(names)})")
+            if depth == len(path) - 1:
+                node[part] = value
+            else:
+                cls = hints[part]
+                if not dataclasses.is_dataclass(cls):
+                    raise ConfigError(f"config key '{'.'.join(path[: depth + 1])}' is a value, not a section")
+                child = node.get(part)
+                if not isinstance(child, dict):
+                    child = {}
+                    node[part] = child
+                node = child
+    return data
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML file (or start from defaults when ``path`` is None) and apply overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            first = str(err).splitlines()[0] if str(err) else "syntax error"
+            raise ConfigError(f"config file {path} is not valid YAML: {first}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
+    data = apply_overrides(data, list(overrides or []))
+    return from_dict(data)
+
+
+def check(cfg: Config) -> None:
+    """Cross-field checks that types alone cannot express."""
+    if len(cfg.data.crop_size) != 2 or min(cfg.data.crop_size) <= 0:
+        raise ConfigError(f"config key 'data.crop_size' = {cfg.data.crop_size}: expected [height, width] > 0")
+    lo, hi = (cfg.data.scale_range + [None, None])[:2]
+    if len(cfg.data.scale_range) != 2 or not 0 < lo <= hi:
+        raise ConfigError(f"config key 'data.scale_range' = {cfg.data.scale_range}: expected [min, max] with 0 < min <= max")
+    if cfg.model.output_stride not in (8, 16, 32):
+        raise ConfigError(f"config key 'model.output_stride' = {cfg.model.output_stride}: expected 8, 16 or 32")
+    if not 0.0 <= cfg.data.class_uniform_pct <= 1.0:
+        raise ConfigError(f"config key 'data.class_uniform_pct' = {cfg.data.class_uniform_pct}: expected a fraction in [0, 1]")
+    if cfg.eval.scales is not None and any(s <= 0 for s in cfg.eval.scales):
+        raise ConfigError(f"config key 'eval.scales' = {cfg.eval.scales}: expected positive scales")
+    if cfg.train.epochs <= 0 or cfg.train.batch_size <= 0:
+        raise ConfigError("config keys 'train.epochs' and 'train.batch_size' must be positive")

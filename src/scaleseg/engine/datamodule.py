@@ -1,0 +1,134 @@
+"""Datasets and loaders from a config: deterministic, rank-sharded and resumable mid-epoch."""
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterator
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from ..config import Config, DataConfig
+from ..data import DATASETS
+from ..data.sampler import EpochSampler
+from ..data.transforms import eval_transform, train_transform
+from ..errors import ConfigError
+
+# DataConfig fields that are dataset-specific options, passed only when set.
+DATASET_OPTIONS = ("classes", "palette", "ignore_index", "list_file", "image_dir", "mask_dir",
+                   "version", "label_type", "num_images", "image_size")
+
+
+def build_dataset(data: DataConfig, split: str, transform: Any = None, seed: int = 0) -> Any:
+    """The configured dataset's ``split``; options the dataset does not take are config errors."""
+    make = DATASETS[data.dataset]
+    accepted = inspect.signature(make).parameters
+    takes_kwargs = any(p.kind is p.VAR_KEYWORD for p in accepted.values())
+    options = {}
+    for key in DATASET_OPTIONS:
+        value = getattr(data, key)
+        if value is None:
+            continue
+        if key not in accepted and not takes_kwargs:
+            raise ConfigError(f"config key 'data.{key}' is not used by dataset '{data.dataset}'; remove it")
+        if key == "image_size":  # ScaleScenes generates images of this (H, W)
+            key, value = "size", tuple(value)
+        options[key] = value
+    if data.root is None and data.dataset != "scalescenes":
+        raise ConfigError(f"config key 'data.root' is not set; dataset '{data.dataset}' needs the folder that holds it")
+    dataset = make(data.root, split, transform, **options)
+    dataset.seed = seed
+    return dataset
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader Lightning can checkpoint mid-epoch: its state is (epoch, batches served), and after
+    ``load_state_dict`` the next iteration skips the batches the interrupted run already trained on."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._served = 0
+        self._skip = 0
+
+    def __iter__(self) -> Iterator[Any]:
+        sampler = self.sampler
+        skip, self._skip = self._skip, 0
+        sampler.skip = skip * self.batch_size
+        self._served = skip
+        try:
+            for batch in super().__iter__():
+                self._served += 1
+                yield batch
+        finally:
+            sampler.skip = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": int(self.sampler.epoch), "batches": int(self._served)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.sampler.set_epoch(state["epoch"])
+        self._skip = state["batches"]
+
+
+class SegDataModule(L.LightningDataModule):
+    """Train / val loaders for one config. ``spec`` (classes, palette) is known right after init."""
+
+    def __init__(self, cfg: Config, mean: tuple[float, ...] = (0.485, 0.456, 0.406),
+                 std: tuple[float, ...] = (0.229, 0.224, 0.225)) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.val_set = build_dataset(cfg.data, cfg.data.val_split, None, cfg.seed)
+        self.spec = self.val_set.spec
+        self.train_set: Any = None
+
+    def set_normalization(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        """Input normalisation comes from the backbone's pretrained config."""
+        self.mean, self.std = tuple(mean), tuple(std)
+
+    def lr_scale(self) -> float | None:
+        dsrl = self.cfg.model.dsrl
+        return dsrl.lr_scale if dsrl.enabled else None
+
+    def make_train_transform(self) -> Any:
+        d = self.cfg.data
+        return train_transform(
+            tuple(d.crop_size), self.mean, self.std, scale_range=tuple(d.scale_range), base_size=d.base_size,
+            interpolation=d.interpolation, hflip=d.hflip, color_jitter=d.color_jitter, blur=d.blur,
+            lr_scale=self.lr_scale(),
+        )
+
+    def make_eval_transform(self) -> Any:
+        return eval_transform(self.mean, self.std, base_size=self.cfg.eval.base_size, lr_scale=self.lr_scale())
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage in (None, "fit") and self.train_set is None:
+            self.train_set = build_dataset(self.cfg.data, self.cfg.data.train_split, self.make_train_transform(), self.cfg.seed)
+        self.val_set.transform = self.make_eval_transform()
+
+    def _rank(self) -> tuple[int, int]:
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 0, 1
+        return trainer.global_rank, trainer.world_size
+
+    def train_dataloader(self) -> DataLoader:
+        rank, world = self._rank()
+        t = self.cfg.train
+        sampler = EpochSampler(len(self.train_set), shuffle=True, seed=self.cfg.seed, rank=rank, world_size=world, pad=True)
+        return ResumableLoader(
+            self.train_set, batch_size=t.batch_size, sampler=sampler, num_workers=t.num_workers,
+            drop_last=len(sampler) >= t.batch_size, persistent_workers=t.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return eval_loader(self.val_set, self.cfg, *self._rank())
+
+
+def eval_loader(dataset: Any, cfg: Config, rank: int = 0, world_size: int = 1) -> DataLoader:
+    """Ordered, unpadded shard of ``dataset`` for this rank (every image is counted exactly once)."""
+    sampler = EpochSampler(len(dataset), shuffle=False, rank=rank, world_size=world_size, pad=False)
+    return DataLoader(dataset, batch_size=cfg.eval.batch_size, sampler=sampler,
+                      num_workers=cfg.eval.num_workers, pin_memory=torch.cuda.is_available())

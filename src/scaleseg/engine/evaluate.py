@@ -1,0 +1,114 @@
+"""``scaleseg eval`` and ``scaleseg predict``."""
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ..config import Config
+from ..data.base import read_image
+from ..errors import DataError
+from ..metrics import format_table
+from ..models.factory import create_model
+from ..visualize import colorize, overlay, save_png
+from .checkpoint import load_model_weights
+from .datamodule import SegDataModule
+from .task import SegTask, build_inferencer
+from .train import build_trainer, write_text_atomic
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+
+
+def load_trained(cfg: Config, checkpoint: str | Path) -> tuple[Any, SegDataModule]:
+    """The configured model with the checkpoint's weights, and the data module for its dataset."""
+    dm = SegDataModule(cfg)
+    model = create_model(cfg, dm.spec.num_classes)
+    load_model_weights(model, checkpoint)
+    dm.set_normalization(model.mean, model.std)
+    return model, dm
+
+
+def evaluate(cfg: Config, checkpoint: str | Path, out_dir: str | Path) -> dict[str, Any]:
+    """Evaluate on ``data.val_split``; prints the per-class table and writes ``out_dir/metrics.json``."""
+    model, dm = load_trained(cfg, checkpoint)
+    task = SegTask(model, cfg, list(dm.spec.classes))
+    trainer = build_trainer(cfg, None, logger=False, max_epochs=1)
+    trainer.validate(task, datamodule=dm, verbose=False)
+    result = dict(task.last_scores or {})
+    result["confusion_matrix"] = task.last_confusion.tolist() if task.last_confusion is not None else None
+    result["checkpoint"] = str(checkpoint)
+    result["split"] = cfg.data.val_split
+    if trainer.is_global_zero:
+        print(format_table(task.last_scores))
+        write_text_atomic(Path(out_dir) / "metrics.json", json.dumps(result, indent=2))
+    return result
+
+
+def collect_images(inputs: Sequence[str | Path]) -> list[tuple[Path, Path]]:
+    """(file, path relative to its input) for every image file given directly or found in folders."""
+    found: list[tuple[Path, Path]] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found += [(f, f.relative_to(path)) for f in sorted(path.rglob("*")) if f.suffix.lower() in IMAGE_SUFFIXES]
+        elif path.is_file():
+            found.append((path, Path(path.name)))
+        else:
+            raise DataError(f"predict input not found: {path}")
+    if not found:
+        raise DataError(f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in {', '.join(map(str, inputs))}")
+    return found
+
+
+def _same_size_batches(files: list[tuple[Path, Path]], batch_size: int) -> Iterator[list[tuple[Path, Path, np.ndarray]]]:
+    batch: list[tuple[Path, Path, np.ndarray]] = []
+    for path, rel in files:
+        image = read_image(path)
+        if batch and (len(batch) == batch_size or batch[0][2].shape != image.shape):
+            yield batch
+            batch = []
+        batch.append((path, rel, image))
+    if batch:
+        yield batch
+
+
+def normalize(images: np.ndarray, mean: Sequence[float], std: Sequence[float], device: torch.device) -> torch.Tensor:
+    """B×H×W×3 uint8 → B×3×H×W float32 normalised."""
+    x = torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float().div_(255)
+    m = torch.tensor(mean, device=device).view(1, -1, 1, 1)
+    s = torch.tensor(std, device=device).view(1, -1, 1, 1)
+    return (x - m) / s
+
+
+def predict(cfg: Config, checkpoint: str | Path, inputs: Sequence[str | Path], out_dir: str | Path,
+            batch_size: int = 4) -> list[Path]:
+    """Write ``<name>_label.png`` (ids), ``<name>_color.png`` and ``<name>_overlay.png`` per image."""
+    model, dm = load_trained(cfg, checkpoint)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device).eval()
+    infer = build_inferencer(cfg)
+    palette = dm.spec.palette_array()
+    files = collect_images(inputs)
+    out = Path(out_dir)
+    written: list[Path] = []
+    with torch.inference_mode(), tqdm(total=len(files), desc="predict", unit="img") as bar:
+        for batch in _same_size_batches(files, batch_size):
+            x = normalize(np.stack([b[2] for b in batch]), model.mean, model.std, device)
+            logits = infer(model, x)
+            if logits.shape[-2:] != x.shape[-2:]:
+                logits = torch.nn.functional.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+            labels = logits.argmax(1).to(torch.uint8).cpu().numpy()
+            for (_, rel, image), label in zip(batch, labels):
+                stem = out / rel.with_suffix("")
+                color = colorize(label, palette)
+                save_png(f"{stem}_label.png", label)
+                save_png(f"{stem}_color.png", color)
+                save_png(f"{stem}_overlay.png", overlay(image, color, 0.5))
+                written.append(Path(f"{stem}_label.png"))
+            bar.update(len(batch))
+    return written

@@ -1,0 +1,139 @@
+"""The Lightning module: one training step = the model's own ``training_losses``; validation = the
+configured inference (whole / slide / flip / scales) into a confusion matrix synced across ranks."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import Config, to_dict
+from ..data.base import sample_seed
+from ..inference import Inferencer
+from ..metrics import ConfusionMatrix, scores
+from ..types import StepInfo
+
+
+def poly_factor(step: int, max_steps: int, power: float, warmup_steps: int = 0, warmup_ratio: float = 0.1) -> float:
+    """LR multiplier: linear warm-up from ``warmup_ratio`` over ``warmup_steps``, then (1 − t/T)^power."""
+    if step < warmup_steps:
+        return warmup_ratio + (1.0 - warmup_ratio) * step / warmup_steps
+    return max(0.0, 1.0 - step / max(max_steps, 1)) ** power
+
+
+def build_inferencer(cfg: Config) -> Inferencer:
+    e = cfg.eval
+    scales = e.scales if e.scales and e.scale_mode != "hierarchical" else None
+    return Inferencer(
+        mode=e.mode,
+        crop_size=tuple(e.crop_size) if e.crop_size else None,
+        stride=tuple(e.stride) if e.stride else None,
+        flip=e.flip,
+        scales=scales,
+        scale_mode=e.scale_mode if scales else "avg",
+    )
+
+
+def model_signature(cfg: Config, num_classes: int) -> str:
+    """A short human-readable description of the architecture, stored in checkpoints."""
+    m = cfg.model
+    parts = [m.arch, m.backbone, f"K={num_classes}"]
+    if m.hmsa.mode != "none":
+        parts.append(f"hmsa={m.hmsa.mode}")
+    if m.mcibi.enabled:
+        parts.append("mcibi")
+    if m.dsrl.enabled:
+        parts.append(f"dsrl={m.dsrl.upsample}{'+sisr' if m.dsrl.sisr else ''}")
+    return "/".join(parts)
+
+
+class SegTask(L.LightningModule):
+    """Wraps any scaleseg model (see docs/architecture.md) for Lightning training and evaluation."""
+
+    def __init__(self, model: nn.Module, cfg: Config, class_names: list[str]) -> None:
+        super().__init__()
+        self.model = model
+        self.cfg = cfg
+        self.class_names = list(class_names)
+        self.inferencer = build_inferencer(cfg)
+        self.val_cm = ConfusionMatrix(len(class_names))
+        self.extra_metrics = nn.ModuleDict(getattr(model, "val_metrics", lambda: {})())
+        self.last_scores: dict[str, Any] | None = None
+        self.last_confusion: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------ training
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # Re-seed the global RNG (dropout, random choices inside methods) from (seed, step), so that a
+        # resumed run replays exactly what the uninterrupted run did from the step it stopped at.
+        torch.manual_seed(sample_seed(self.cfg.seed, -1, self.global_step))
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        step = StepInfo(self.global_step, int(self.trainer.estimated_stepping_batches), self.current_epoch)
+        losses = self.model.training_losses(batch, step)
+        loss = torch.stack([v.float() for v in losses.values()]).sum()
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite training loss at step {self.global_step}: " + ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items()))
+        bs = batch["image"].shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        for name, value in losses.items():
+            self.log(f"train/{name}", value.detach(), batch_size=bs)
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=bs)
+        return loss
+
+    def configure_optimizers(self) -> Any:
+        o = self.cfg.optim
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        opt = torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=o.nesterov)
+        max_steps = int(self.trainer.estimated_stepping_batches)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: poly_factor(s, max_steps, o.poly_power, o.warmup_steps, o.warmup_ratio)
+        )
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ------------------------------------------------------------------ evaluation
+    def predict_logits(self, image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """Logits B×K×H×W at the label size ``size`` under the configured inference."""
+        logits = self.inferencer(self.model, image)
+        if logits.shape[-2:] != tuple(size):
+            logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+        return logits
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        mask = batch["mask"]
+        logits = self.predict_logits(batch["image"], mask.shape[-2:])
+        self.val_cm.update(logits.argmax(1), mask)
+        update = getattr(self.model, "update_val_metrics", None)
+        if update is not None:
+            update(self.extra_metrics, batch)
+
+    def on_validation_epoch_end(self) -> None:
+        mat = self.val_cm.compute()
+        self.val_cm.reset()
+        result = scores(mat.cpu(), self.class_names)
+        self.last_scores = result
+        self.last_confusion = mat.cpu()
+        self.log("val/mIoU", result["mIoU"] if result["mIoU"] is not None else math.nan, prog_bar=True, sync_dist=False, rank_zero_only=False)
+        self.log("val/aAcc", result["aAcc"], sync_dist=False)
+        for name, metric in self.extra_metrics.items():
+            self.log(f"val/{name}", metric.compute(), sync_dist=False)
+            result[name] = float(metric.compute())
+            metric.reset()
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["scaleseg"] = {
+            "config": to_dict(self.cfg),
+            "signature": model_signature(self.cfg, len(self.class_names)),
+            "class_names": self.class_names,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        from ..errors import CheckpointError
+
+        saved = checkpoint.get("scaleseg", {}).get("signature")
+        mine = model_signature(self.cfg, len(self.class_names))
+        if saved is not None and saved != mine:
+            raise CheckpointError(f"cannot resume: the checkpoint is from model '{saved}' but the config builds '{mine}'")
