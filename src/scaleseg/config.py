@@ -145,6 +145,7 @@ class TrainConfig:
     val_every_n_epochs: int = 1
     log_every_n_steps: int = 10
     limit_train_batches: int | None = None
+    checkpoint_every_n_steps: int | None = None
     progress: bool = True
 
 

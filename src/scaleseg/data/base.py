@@ -35,7 +35,7 @@ def read_image(path: Path) -> np.ndarray:
     try:
         with Image.open(path) as img:
             img.load()
-            return np.asarray(img.convert("RGB"))
+            return np.array(img.convert("RGB"))  # writable copy: torch.from_numpy warns on read-only arrays
     except FileNotFoundError:
         raise DataError(f"image file not found: {path}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
@@ -51,7 +51,7 @@ def read_label(path: Path) -> np.ndarray:
                 raise DataError(
                     f"label {path} has mode {img.mode}; expected a single-channel id image (mode L or P)"
                 )
-            arr = np.asarray(img)
+            arr = np.array(img)
     except FileNotFoundError:
         raise DataError(f"label file not found: {path}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:

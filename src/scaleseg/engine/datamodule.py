@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import lightning as L
@@ -43,32 +43,32 @@ def build_dataset(data: DataConfig, split: str, transform: Any = None, seed: int
 
 
 class ResumableLoader(DataLoader):
-    """A DataLoader Lightning can checkpoint mid-epoch: its state is (epoch, batches served), and after
-    ``load_state_dict`` the next iteration skips the batches the interrupted run already trained on."""
+    """A DataLoader Lightning can checkpoint mid-epoch. Its state is (epoch, batches trained), where
+    ``trained_batches()`` asks the trainer (the loader itself cannot know: batches are prefetched).
+    After ``load_state_dict`` the next iteration of that epoch skips the batches already trained on."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, trained_batches: Callable[[], int] | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._served = 0
-        self._skip = 0
+        self.trained_batches = trained_batches or (lambda: 0)
+        self._resume: tuple[int, int] | None = None
 
     def __iter__(self) -> Iterator[Any]:
         sampler = self.sampler
-        skip, self._skip = self._skip, 0
-        sampler.skip = skip * self.batch_size
-        self._served = skip
+        if self._resume is not None and self._resume[0] == sampler.epoch:
+            sampler.skip = self._resume[1] * self.batch_size
+        self._resume = None
         try:
-            for batch in super().__iter__():
-                self._served += 1
-                yield batch
+            yield from super().__iter__()
         finally:
             sampler.skip = 0
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": int(self.sampler.epoch), "batches": int(self._served)}
+        return {"epoch": int(self.sampler.epoch), "batches": int(self.trained_batches())}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self.sampler.set_epoch(state["epoch"])
-        self._skip = state["batches"]
+        # Lightning creates (and prefetches from) the iterator before it calls set_epoch on a resume
+        self.sampler.set_epoch(int(state["epoch"]))
+        self._resume = (int(state["epoch"]), int(state["batches"]))
 
 
 class SegDataModule(L.LightningDataModule):
@@ -113,12 +113,16 @@ class SegDataModule(L.LightningDataModule):
             return 0, 1
         return trainer.global_rank, trainer.world_size
 
+    def _trained_batches(self) -> int:
+        """Batches of the current epoch whose optimiser step is done (read when a checkpoint is saved)."""
+        return int(self.trainer.fit_loop.epoch_loop.batch_progress.current.processed)
+
     def train_dataloader(self) -> DataLoader:
         rank, world = self._rank()
         t = self.cfg.train
         sampler = EpochSampler(len(self.train_set), shuffle=True, seed=self.cfg.seed, rank=rank, world_size=world, pad=True)
         return ResumableLoader(
-            self.train_set, batch_size=t.batch_size, sampler=sampler, num_workers=t.num_workers,
+            self.train_set, trained_batches=self._trained_batches, batch_size=t.batch_size, sampler=sampler, num_workers=t.num_workers,
             drop_last=len(sampler) >= t.batch_size, persistent_workers=t.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
         )

@@ -61,6 +61,7 @@ class SegTask(L.LightningModule):
         self.inferencer = build_inferencer(cfg)
         self.val_cm = ConfusionMatrix(len(class_names))
         self.extra_metrics = nn.ModuleDict(getattr(model, "val_metrics", lambda: {})())
+        self.max_steps = 1  # set by the caller from the data length (see engine.train.steps_per_epoch)
         self.last_scores: dict[str, Any] | None = None
         self.last_confusion: torch.Tensor | None = None
 
@@ -71,7 +72,7 @@ class SegTask(L.LightningModule):
         torch.manual_seed(sample_seed(self.cfg.seed, -1, self.global_step))
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        step = StepInfo(self.global_step, int(self.trainer.estimated_stepping_batches), self.current_epoch)
+        step = StepInfo(self.global_step, self.max_steps, self.current_epoch)
         losses = self.model.training_losses(batch, step)
         loss = torch.stack([v.float() for v in losses.values()]).sum()
         if not torch.isfinite(loss):
@@ -87,7 +88,8 @@ class SegTask(L.LightningModule):
         o = self.cfg.optim
         params = [p for p in self.model.parameters() if p.requires_grad]
         opt = torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=o.nesterov)
-        max_steps = int(self.trainer.estimated_stepping_batches)
+        # not trainer.estimated_stepping_batches: it builds the train loader before a resume restores it
+        max_steps = self.max_steps
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: poly_factor(s, max_steps, o.poly_power, o.warmup_steps, o.warmup_ratio)
         )

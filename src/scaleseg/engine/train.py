@@ -28,9 +28,10 @@ def write_text_atomic(path: Path, text: str) -> None:
 def resolve_resume(resume: str | None, ckpt_dir: Path) -> str | None:
     """``None`` → fresh run (refusing to overwrite an existing run); ``"auto"`` → latest checkpoint in
     the run folder; anything else → that file."""
-    last = ckpt_dir / "last.ckpt"
+    candidates = [p for p in (ckpt_dir / "last.ckpt", ckpt_dir / "last_step.ckpt") if p.exists()]
+    last = max(candidates, key=lambda p: p.stat().st_mtime) if candidates else ckpt_dir / "last.ckpt"
     if resume is None:
-        if last.exists():
+        if candidates:
             raise CheckpointError(
                 f"run folder {ckpt_dir.parent} already holds {last}; pass --resume auto to continue it, "
                 "or set output_dir to a new folder"
@@ -50,10 +51,17 @@ def build_trainer(cfg: Config, ckpt_dir: Path | None = None, **overrides: Any) -
     out = Path(cfg.output_dir)
     callbacks: list[Any] = []
     if ckpt_dir is not None:
+        # best.ckpt (best val mIoU) and last.ckpt after every validation; with
+        # train.checkpoint_every_n_steps also last_step.ckpt mid-epoch. --resume auto takes the newest.
         callbacks.append(ModelCheckpoint(
             dirpath=ckpt_dir, filename="best", monitor="val/mIoU", mode="max", save_top_k=1,
             save_last=True, enable_version_counter=False, auto_insert_metric_name=False,
         ))
+        if t.checkpoint_every_n_steps:
+            callbacks.append(ModelCheckpoint(
+                dirpath=ckpt_dir, filename="last_step", every_n_train_steps=t.checkpoint_every_n_steps,
+                save_top_k=1, enable_version_counter=False, auto_insert_metric_name=False,
+            ))
     if t.progress:
         callbacks.append(TQDMProgressBar(refresh_rate=max(1, t.log_every_n_steps // 2)))
     kwargs: dict[str, Any] = dict(
@@ -70,6 +78,15 @@ def build_trainer(cfg: Config, ckpt_dir: Path | None = None, **overrides: Any) -
     return L.Trainer(**kwargs)
 
 
+def steps_per_epoch(num_images: int, cfg: Config, world_size: int) -> int:
+    """Optimiser steps per epoch on each rank (the sampler pads to equal shards; full batches only)."""
+    per_rank = -(-num_images // world_size)
+    steps = per_rank // cfg.train.batch_size if per_rank >= cfg.train.batch_size else 1
+    if cfg.train.limit_train_batches is not None:
+        steps = min(steps, cfg.train.limit_train_batches)
+    return max(steps, 1)
+
+
 def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
     """Train, validate every ``val_every_n_epochs``, and write ``model.safetensors`` + ``metrics.json``."""
     out = Path(cfg.output_dir)
@@ -81,6 +98,8 @@ def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
     dm.set_normalization(model.mean, model.std)
     task = SegTask(model, cfg, list(dm.spec.classes))
     trainer = build_trainer(cfg, ckpt_dir)
+    dm.setup("fit")
+    task.max_steps = cfg.train.epochs * steps_per_epoch(len(dm.train_set), cfg, trainer.world_size)
     if trainer.is_global_zero:
         write_text_atomic(out / "config.yaml", to_yaml(cfg))
     trainer.fit(task, datamodule=dm, ckpt_path=resume_path)

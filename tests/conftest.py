@@ -1,0 +1,25 @@
+"""Shared test setup: offline hub, two threads, and the CamVid fixture."""
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+# OpenMP threads that busy-wait make small-tensor ops 10-100x slower when cores are shared
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(2)
+
+CAMVID_ROOT = Path(__file__).resolve().parents[2] / "shared/data/camvid"
+
+
+@pytest.fixture
+def camvid_root() -> Path:
+    """The SegNet CamVid copy in ../shared/data/camvid; skips the test when it is absent."""
+    if not CAMVID_ROOT.is_dir():
+        pytest.skip("needs ../shared/data/camvid (CamVid SegNet copy)")
+    return CAMVID_ROOT

@@ -1,0 +1,70 @@
+"""Config loading: strict keys, typed values, overrides, printable resolved YAML."""
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from scaleseg.config import Config, from_dict, load_config, to_yaml
+from scaleseg.errors import ConfigError
+
+
+def test_defaults_round_trip_through_yaml():
+    cfg = load_config(None)
+    again = from_dict(yaml.safe_load(to_yaml(cfg)))
+    assert again == cfg
+
+
+def test_unknown_key_names_the_key_and_suggests(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  backbon: resnet50\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    msg = str(err.value)
+    assert "model.backbon" in msg and "model.backbone" in msg and "\n" not in msg
+
+
+def test_wrong_type_and_literal_are_errors():
+    with pytest.raises(ConfigError, match="train.epochs"):
+        from_dict({"train": {"epochs": "ten"}})
+    with pytest.raises(ConfigError, match="model.arch"):
+        from_dict({"model": {"arch": "unet3000"}})
+    with pytest.raises(ConfigError, match="data.crop_size"):
+        from_dict({"data": {"crop_size": [512]}})
+
+
+def test_ints_accepted_for_floats_and_lists_typed():
+    cfg = from_dict({"optim": {"lr": 1}, "eval": {"scales": [1, 0.5]}})
+    assert cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float)
+    assert cfg.eval.scales == [1.0, 0.5]
+
+
+def test_overrides_apply_parse_yaml_and_reject_typos(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  backbone: resnet18\ntrain:\n  epochs: 3\n")
+    cfg = load_config(path, ["model.backbone=resnet50", "train.epochs=7", "eval.scales=[0.5,1.0]", "data.root=/x"])
+    assert (cfg.model.backbone, cfg.train.epochs, cfg.eval.scales, cfg.data.root) == ("resnet50", 7, [0.5, 1.0], "/x")
+    with pytest.raises(ConfigError, match="model.backbonee"):
+        load_config(path, ["model.backbonee=resnet50"])
+    with pytest.raises(ConfigError, match="not of the form"):
+        load_config(path, ["model.backbone"])
+    with pytest.raises(ConfigError, match="is a value, not a section"):
+        load_config(path, ["seed.x=1"])
+
+
+def test_missing_and_invalid_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_every_shipped_config_validates():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    files = sorted(root.rglob("*.yaml"))
+    assert len(files) >= 5
+    for f in files:
+        assert isinstance(load_config(f), Config), f
