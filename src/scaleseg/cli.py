@@ -76,7 +76,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # positionals may follow options (``predict CFG --checkpoint C img/ --out D``): collect the rest
+    args, extra = parser.parse_known_args(argv)
+    unknown = [e for e in extra if e.startswith("-")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    for name in ("items", "overrides"):
+        if hasattr(args, name):
+            setattr(args, name, getattr(args, name) + extra)
+            extra = []
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command == "train":
         from .engine.train import train
 
@@ -103,11 +114,22 @@ def run(argv: list[str] | None = None) -> int:
     return 0
 
 
+def one_line(err: BaseException) -> str:
+    """The error's own message. A DataLoader worker re-raises our errors with its traceback prepended;
+    the original message is then the last line, after the exception's qualified name."""
+    lines = [line for line in str(err).splitlines() if line.strip()]
+    if len(lines) <= 1:
+        return str(err).strip()
+    last = lines[-1]
+    name = f"{type(err).__module__}.{type(err).__qualname__}: "
+    return last[len(name):] if last.startswith(name) else last
+
+
 def main(argv: list[str] | None = None) -> None:
     try:
         code = run(argv)
     except ScalesegError as err:
-        print(f"scaleseg: error: {err}", file=sys.stderr)
+        print(f"scaleseg: error: {one_line(err)}", file=sys.stderr)
         code = 2
     except KeyboardInterrupt:
         print("scaleseg: interrupted; resume with --resume auto", file=sys.stderr)

@@ -54,6 +54,10 @@ def build_segmentation_model(cfg: Config, num_classes: int) -> nn.Module:
     """Backbone + head (+ aux head) + criterion, before any method wrapper."""
     m = cfg.model
     criterion = build_criterion(cfg.loss, num_classes)
+    if m.arch == "espnetv2":
+        from .espnetv2 import espnetv2_seg
+
+        return espnetv2_seg(num_classes, s=m.width, criterion=criterion)
     backbone = build_backbone(cfg)
     aux = AuxFCNHead(backbone.channels[-2], num_classes, m.head_channels) if m.aux_head else None
     head = _head(m.arch, backbone.channels, num_classes, cfg)
@@ -63,4 +67,19 @@ def build_segmentation_model(cfg: Config, num_classes: int) -> nn.Module:
 def create_model(cfg: Config, num_classes: int) -> nn.Module:
     """The model the config describes, for ``num_classes`` classes."""
     model: Any = build_segmentation_model(cfg, num_classes)
+    if cfg.model.dsrl.enabled:
+        model = wrap_dsrl(model, cfg)
     return model
+
+
+def wrap_dsrl(base: nn.Module, cfg: Config) -> nn.Module:
+    """Dual super-resolution learning around a plain model: SSSR (or the bilinear baseline), and with
+    ``dsrl.sisr`` the SISR branch and the FA loss (training-only)."""
+    from .dsrl import DSRL
+
+    d = cfg.model.dsrl
+    return DSRL(
+        base, lr_scale=d.lr_scale, upsample=d.upsample,
+        sr_weight=d.sr_weight if d.sisr else 0.0, fa_weight=d.fa_weight if d.sisr else 0.0,
+        fa_subsample=d.fa_subsample, fa_max_block_bytes=int(d.fa_max_block_mib * 2**20),
+    )
