@@ -1,4 +1,4 @@
-"""Command line: ``scaleseg train|eval|predict|demo``. Any config key can be overridden as key=value."""
+"""Command line: ``scaleseg train|eval|predict|autolabel|demo``. Any config key can be overridden as key=value."""
 from __future__ import annotations
 
 import argparse
@@ -67,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--dump-scales", action="store_true", help="also write per-scale predictions and attention maps")
         if name != "eval":
             p.add_argument("--batch-size", type=int, default=4)
+        if name == "autolabel":
+            p.add_argument("--no-flip", action="store_true", help="do not average with a horizontal flip")
 
     p = sub.add_parser("demo", help="train and evaluate a small model on the embedded ScaleScenes data")
     p.add_argument("overrides", nargs="*")
@@ -107,6 +109,15 @@ def run(argv: list[str] | None = None) -> int:
             raise ScalesegError("predict needs at least one input image or folder")
         written = predict(_load(args, overrides), args.checkpoint, inputs, args.out, batch_size=args.batch_size)
         print(f"wrote predictions for {len(written)} images to {args.out}")
+    elif args.command == "autolabel":
+        from .engine.autolabel import autolabel
+
+        overrides, inputs = _split_overrides(args.items)
+        if not inputs:
+            raise ScalesegError("autolabel needs at least one input image or folder")
+        written = autolabel(_load(args, overrides), args.checkpoint, inputs, args.out,
+                            batch_size=args.batch_size, scales=args.scales, flip=not args.no_flip)
+        print(f"auto-labelled {len(written)} images into {args.out}")
     elif args.command == "demo":
         from .engine.demo import demo
 

@@ -79,7 +79,11 @@ class AutolabelConfig:
     """Auto-labelled images: pixels with confidence below ``threshold`` become ignore at load time."""
 
     dir: str | None = None
-    threshold: float = 0.9
+    threshold: float = 0.9  # the paper's value; NVIDIA's code release used 0.5
+    split: str | None = None  # split whose images carry auto-labels (e.g. train_extra); None: the train split
+    mix: Literal["append", "boost"] = "append"  # join the image list, or only class-uniform pools
+    classes: list[int] | None = None  # boost classes for mix=boost
+    merge_classes: list[int] = field(default_factory=list)  # Cityscapes: union with human gtCoarse
 
 
 @dataclass
@@ -109,6 +113,7 @@ class DataConfig:
     blur: bool = False
     class_uniform_pct: float = 0.0
     class_uniform_tile: int = 1024
+    class_uniform_classes: list[int] | None = None
     autolabel: AutolabelConfig = field(default_factory=AutolabelConfig)
 
 
@@ -156,7 +161,8 @@ class EvalConfig:
     stride: list[int] | None = None
     flip: bool = False
     scales: list[float] | None = None
-    scale_mode: Literal["avg", "max", "hierarchical"] = "avg"
+    # auto: hierarchical chaining for models with hmsa.mode=hierarchical, average pooling otherwise
+    scale_mode: Literal["auto", "avg", "max", "hierarchical"] = "auto"
     batch_size: int = 1
     num_workers: int = 2
     base_size: int | None = None
@@ -341,6 +347,11 @@ def check(cfg: Config) -> None:
         raise ConfigError(f"config key 'model.output_stride' = {cfg.model.output_stride}: expected 8, 16 or 32")
     if not 0.0 <= cfg.data.class_uniform_pct <= 1.0:
         raise ConfigError(f"config key 'data.class_uniform_pct' = {cfg.data.class_uniform_pct}: expected a fraction in [0, 1]")
+    a = cfg.data.autolabel
+    if not 0.0 <= a.threshold <= 1.0:
+        raise ConfigError(f"config key 'data.autolabel.threshold' = {a.threshold}: expected a confidence in [0, 1]")
+    if a.mix == "boost" and cfg.data.class_uniform_pct == 0:
+        raise ConfigError("config key 'data.autolabel.mix' = 'boost' needs data.class_uniform_pct > 0")
     if cfg.eval.scales is not None and any(s <= 0 for s in cfg.eval.scales):
         raise ConfigError(f"config key 'eval.scales' = {cfg.eval.scales}: expected positive scales")
     if cfg.train.epochs <= 0 or cfg.train.batch_size <= 0:

@@ -18,15 +18,18 @@ from PIL import Image, UnidentifiedImageError
 from ..errors import DataError
 from .spec import DatasetSpec
 
-# transform(image uint8 3×H×W tensor, mask uint8 H×W tensor) -> sample dict (image, mask, ...)
+# transform(image uint8 3×H×W tensor, mask uint8 H×W tensor[, point=(x, y)]) -> sample dict (image, mask, ...)
 Transform = Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
 Pair = tuple[Path, Path | None]
+Point = tuple[float, float]  # (x, y) pixel coordinates in the image
 
 
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """A 63-bit seed that depends only on (seed, epoch, index): augmentation is reproducible
-    whatever the worker count, the rank layout or a resume."""
-    digest = hashlib.blake2b(f"{seed}:{epoch}:{index}".encode(), digest_size=8).digest()
+def sample_seed(seed: int, epoch: int, index: int, point: Point | None = None) -> int:
+    """A 63-bit seed that depends only on (seed, epoch, index[, point]): augmentation is reproducible
+    whatever the worker count, the rank layout or a resume. Crops around different points of one
+    image (class-uniform sampling) get different seeds."""
+    key = f"{seed}:{epoch}:{index}" if point is None else f"{seed}:{epoch}:{index}:{float(point[0])!r}:{float(point[1])!r}"
+    digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
@@ -128,19 +131,43 @@ class SegDataset(torch.utils.data.Dataset):
         check_label(label, self.spec, label_path)
         return image, label
 
-    def __getitem__(self, index: int | tuple[int, int]) -> dict[str, Any]:
-        epoch, i = index if isinstance(index, tuple) else (None, index)
+    def load_label(self, i: int) -> np.ndarray:
+        """H×W uint8 train ids of image ``i``, checked, reading only the label file when there is one
+        (class-uniform indexing needs labels only). Datasets that override ``load_raw`` without
+        overriding this method fall back to ``load_raw(i)[1]``."""
+        label_path = self.pairs[i][1]
+        if type(self).load_raw is not SegDataset.load_raw or label_path is None:
+            return self.load_raw(i)[1]
+        label = self.spec.encode(read_label(label_path))
+        check_label(label, self.spec, label_path)
+        return label
+
+    def __getitem__(self, index: int | tuple[int, int] | tuple[int, int, Point | None]) -> dict[str, Any]:
+        """``index`` is ``i``, ``(epoch, i)`` or ``(epoch, i, point)``; ``point`` = (x, y) in image pixels
+        (class-uniform sampling) is passed to the transform as ``point=`` so the crop contains it."""
+        point: Point | None = None
+        if isinstance(index, tuple):
+            epoch, i = index[0], index[1]
+            point = index[2] if len(index) > 2 else None
+        else:
+            epoch, i = None, index
         image, label = self.load_raw(i)
         image_t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
         label_t = torch.from_numpy(np.ascontiguousarray(label))
         if self.transform is None:
             sample = {"image": image_t, "mask": label_t.long()}
         elif epoch is None:
-            sample = self.transform(image_t, label_t)
+            sample = self._transform(image_t, label_t, point)
         else:
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(sample_seed(self.seed, epoch, i))
-                sample = self.transform(image_t, label_t)
+                torch.manual_seed(sample_seed(self.seed, epoch, i, point))
+                sample = self._transform(image_t, label_t, point)
         sample["name"] = self.name(i)
         sample["index"] = i
         return sample
+
+    def _transform(self, image: torch.Tensor, label: torch.Tensor, point: Point | None) -> dict[str, torch.Tensor]:
+        assert self.transform is not None
+        if point is None:  # evaluation transforms take no point
+            return self.transform(image, label)
+        return self.transform(image, label, point=point)

@@ -9,6 +9,11 @@ Layout (as distributed, no conversion step)::
 The 19 evaluated classes get train ids 0..18; every other labelId (void classes, license plate,
 unknown values) becomes 255. ``TRAIN_ID_TO_LABEL_ID`` maps predictions back to labelIds for the
 official cityscapesScripts evaluation.
+
+Auto-labelled coarse data (HMSA §5.2): :func:`make_autolabelled` gives the ``train_extra`` images
+with labels from ``scaleseg autolabel``, thresholded by confidence, with the human gtCoarse pixels of
+``COARSE_MERGE_CLASSES`` merged in (NVIDIA's ``custom_coarse_dropout_classes``). NVIDIA's recipe uses
+them only as class-uniform centroids of ``COARSE_BOOST_CLASSES`` (``mix_autolabelled(..., "boost")``).
 """
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ConfigError, DataError
+from .autolabel import DEFAULT_THRESHOLD, with_autolabels
 from .base import SegDataset, Transform
 from .spec import IGNORE_INDEX, DatasetSpec
 
@@ -105,3 +111,27 @@ def make_dataset(
     pairs = list_pairs(root, split, label_type)
     return SegDataset(pairs, CITYSCAPES, transform, root=root, seed=seed,
                       description=f"cityscapes split '{split}' at {root}")
+
+
+#: NVIDIA's SOTA recipe ``--coarse_boost_classes``: the classes whose class-uniform pools receive
+#: centroids of auto-labelled coarse images (pass as ``extra_classes`` to ClassUniformSampler).
+COARSE_BOOST_CLASSES = (3, 4, 6, 7, 9, 11, 12, 13, 14, 15, 16, 17, 18)
+#: ``--custom_coarse_dropout_classes`` (truck, bus, train): gtCoarse pixels merged into the auto-labels.
+COARSE_MERGE_CLASSES = (14, 15, 16)
+
+
+def make_autolabelled(
+    root: str | Path,
+    label_dir: str | Path,
+    transform: Transform | None = None,
+    *,
+    split: str = "train_extra",
+    threshold: float = DEFAULT_THRESHOLD,
+    merge_classes: tuple[int, ...] = COARSE_MERGE_CLASSES,
+    seed: int = 0,
+) -> SegDataset:
+    """``split`` images (default ``train_extra``) labelled by ``scaleseg autolabel`` output in
+    ``label_dir``: pixels below ``threshold`` confidence → ignore, then the human gtCoarse pixels of
+    ``merge_classes`` are added. ``label_dir`` may mirror the dataset root or ``leftImg8bit/<split>``."""
+    base = make_dataset(root, split, transform, label_type="coarse", seed=seed)
+    return with_autolabels(base, label_dir, threshold, merge_classes=merge_classes)

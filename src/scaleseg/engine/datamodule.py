@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import inspect
+from pathlib import Path
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -82,6 +83,7 @@ class SegDataModule(L.LightningDataModule):
         self.val_set = build_dataset(cfg.data, cfg.data.val_split, None, cfg.seed)
         self.spec = self.val_set.spec
         self.train_set: Any = None
+        self.train_length = 0
 
     def set_normalization(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
         """Input normalisation comes from the backbone's pretrained config."""
@@ -104,8 +106,28 @@ class SegDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit") and self.train_set is None:
-            self.train_set = build_dataset(self.cfg.data, self.cfg.data.train_split, self.make_train_transform(), self.cfg.seed)
+            self.train_set, self.train_length = self.build_train_set()
         self.val_set.transform = self.make_eval_transform()
+
+    def build_train_set(self) -> tuple[Any, int]:
+        """The training set, with auto-labelled images joined as configured, and the number of
+        images an epoch covers (boost mode: only the fine images; auto-labels enter via centroids)."""
+        d, seed = self.cfg.data, self.cfg.seed
+        dataset = build_dataset(d, d.train_split, self.make_train_transform(), seed)
+        length = len(dataset)
+        a = d.autolabel
+        if a.dir is not None:
+            from ..data.autolabel import mix_autolabelled, with_autolabels
+
+            if a.split is None:
+                dataset = with_autolabels(dataset, a.dir, a.threshold, merge_classes=a.merge_classes)
+                length = len(dataset)
+            else:
+                auto = build_dataset(d, a.split, self.make_train_transform(), seed)
+                auto = with_autolabels(auto, a.dir, a.threshold, merge_classes=a.merge_classes)
+                dataset, length = mix_autolabelled(dataset, auto, a.mix)
+            dataset.seed = seed
+        return dataset, length
 
     def _rank(self) -> tuple[int, int]:
         trainer = getattr(self, "trainer", None)
@@ -120,7 +142,19 @@ class SegDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         rank, world = self._rank()
         t = self.cfg.train
-        sampler = EpochSampler(len(self.train_set), shuffle=True, seed=self.cfg.seed, rank=rank, world_size=world, pad=True)
+        d = self.cfg.data
+        if d.class_uniform_pct > 0:
+            from ..data.uniform import class_uniform_sampler
+
+            sampler = class_uniform_sampler(
+                self.train_set, pct=d.class_uniform_pct, tile=d.class_uniform_tile,
+                cache_dir=Path(self.cfg.output_dir) / "cache", seed=self.cfg.seed, rank=rank, world_size=world,
+                num_images=self.train_length, boost_classes=d.class_uniform_classes,
+                extra_classes=d.autolabel.classes if d.autolabel.mix == "boost" else None,
+                workers=max(1, t.num_workers), progress=t.progress,
+            )
+        else:
+            sampler = EpochSampler(self.train_length, shuffle=True, seed=self.cfg.seed, rank=rank, world_size=world, pad=True)
         return ResumableLoader(
             self.train_set, trained_batches=self._trained_batches, batch_size=t.batch_size, sampler=sampler, num_workers=t.num_workers,
             drop_last=len(sampler) >= t.batch_size, persistent_workers=t.num_workers > 0,

@@ -99,7 +99,7 @@ def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
     task = SegTask(model, cfg, list(dm.spec.classes))
     trainer = build_trainer(cfg, ckpt_dir)
     dm.setup("fit")
-    task.max_steps = cfg.train.epochs * steps_per_epoch(len(dm.train_set), cfg, trainer.world_size)
+    task.max_steps = cfg.train.epochs * steps_per_epoch(dm.train_length, cfg, trainer.world_size)
     if trainer.is_global_zero:
         write_text_atomic(out / "config.yaml", to_yaml(cfg))
     trainer.fit(task, datamodule=dm, ckpt_path=resume_path)
