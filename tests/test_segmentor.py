@@ -163,3 +163,18 @@ def test_predict_rejects_bad_input():
         model.predict(np.zeros((8, 8), dtype=np.uint8))
     with pytest.raises(DataError, match="3×H×W"):
         model.predict(torch.zeros(4, 8, 8, dtype=torch.uint8))
+
+
+def test_rmi_criterion_supervises_aux_with_its_bce_part_only():
+    from scaleseg.losses.rmi import RMICriterion
+
+    criterion = RMICriterion(K)
+    model = _model(aux_weight=0.4, criterion=criterion).train()
+    batch = _batch()
+    torch.manual_seed(7)
+    losses = model.training_losses(batch, StepInfo(0, 10))
+    torch.manual_seed(7)
+    out = model.forward_features(batch["image"])
+    torch.testing.assert_close(losses["ce"], criterion(out["logits"], batch["mask"]))
+    torch.testing.assert_close(losses["aux"], 0.4 * criterion.bce_only()(out["aux"], batch["mask"]))
+    assert not torch.allclose(losses["aux"], 0.4 * criterion(out["aux"], batch["mask"]))

@@ -47,6 +47,9 @@ class SegmentationModel(nn.Module):
         self.head = head
         self.aux_head = aux_head
         self.criterion = criterion if criterion is not None else CrossEntropyLoss()
+        # the reference supervises aux logits with the BCE part only when the main loss is RMI
+        bce_only = getattr(self.criterion, "bce_only", None)
+        self.aux_criterion = bce_only() if bce_only is not None else self.criterion
         self.num_classes = num_classes
         self.aux_weight = aux_weight
         self.aux_index = aux_index
@@ -60,7 +63,7 @@ class SegmentationModel(nn.Module):
         ``logits`` ``B×K×H×W`` (input resolution), ``aux`` ``B×K×H×W`` (if the model has an aux
         head) and ``feats`` ``B×C×h×w`` (head resolution of the input padded to ``stride``).
         """
-        return self._run(x, with_aux=self.aux_head is not None)
+        return self._run(x, with_aux=True)
 
     def forward(self, x: Tensor) -> Tensor:
         """``B×3×H×W`` normalised image → ``B×K×H×W`` logits (the aux head is skipped)."""
@@ -76,7 +79,7 @@ class SegmentationModel(nn.Module):
         mask = batch["mask"]
         losses = {"ce": self.criterion(out["logits"], mask)}
         if "aux" in out:
-            losses["aux"] = self.aux_weight * self.criterion(out["aux"], mask)
+            losses["aux"] = self.aux_weight * self.aux_criterion(out["aux"], mask)
         return losses
 
     def predict(self, image: Any) -> Tensor:
@@ -85,14 +88,16 @@ class SegmentationModel(nn.Module):
 
     def _run(self, x: Tensor, *, with_aux: bool) -> dict[str, Tensor]:
         height, width = x.shape[-2:]
-        padded = _pad_to_multiple(x, self.stride)
+        padded = pad_to_multiple(x, self.stride)
         features = self.backbone(padded)
         out = self.head(features)
         size = padded.shape[-2:]
-        result = {"logits": _upsample_crop(out["logits"], size, height, width), "feats": out["feats"]}
-        if with_aux and self.aux_head is not None:
+        result = {"logits": upsample_crop(out["logits"], size, height, width), "feats": out["feats"]}
+        if with_aux and "aux" in out:  # heads with their own aux logits (OCR's soft object regions)
+            result["aux"] = upsample_crop(out["aux"], size, height, width)
+        elif with_aux and self.aux_head is not None:
             aux = self.aux_head(features[self.aux_index])
-            result["aux"] = _upsample_crop(aux, size, height, width)
+            result["aux"] = upsample_crop(aux, size, height, width)
         return result
 
 
@@ -154,7 +159,7 @@ def image_to_tensor(image: Any) -> Tensor:
     return image
 
 
-def _pad_to_multiple(x: Tensor, stride: int) -> Tensor:
+def pad_to_multiple(x: Tensor, stride: int) -> Tensor:
     """Zero-pad ``B×C×H×W`` on the right/bottom so H and W are multiples of ``stride``."""
     pad_h = -x.shape[-2] % stride
     pad_w = -x.shape[-1] % stride
@@ -163,7 +168,7 @@ def _pad_to_multiple(x: Tensor, stride: int) -> Tensor:
     return F.pad(x, (0, pad_w, 0, pad_h))
 
 
-def _upsample_crop(logits: Tensor, size: torch.Size, height: int, width: int) -> Tensor:
+def upsample_crop(logits: Tensor, size: torch.Size, height: int, width: int) -> Tensor:
     """Bilinear (``align_corners=False``) upsample to the padded ``size``, crop to ``height×width``."""
     if logits.shape[-2:] != size:
         logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)

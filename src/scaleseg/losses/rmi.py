@@ -1,0 +1,160 @@
+"""Region Mutual Information loss (Zhao et al. 2019) and HMSA's combined BCE + RMI criterion.
+
+Follows NVIDIA/semantic-segmentation ``loss/rmi.py`` (defaults of every HMSA recipe: radius 3,
+4×4 average pooling with stride 4 and padding 2, jitter 5e-4, ``lambda_way=1``), with these
+deliberate differences from the reference code:
+
+* ``ignore_index`` is honoured: a pixel is valid iff ``0 <= label < num_classes`` **and**
+  ``label != ignore_index`` (the reference only tests ``label < num_classes``, so an ignore value
+  inside ``[0, C)`` would be treated as a class);
+* device-agnostic (no ``torch.cuda.DoubleTensor``), ``torch.linalg.cholesky`` instead of the
+  deprecated ``torch.cholesky``, and a Cholesky solve instead of an explicit matrix inverse;
+* under autocast the loss runs with autocast disabled, in float32 (BCE, pooling) and float64
+  (covariances, Cholesky); float64 logits stay float64 (used by ``gradcheck``).
+
+The RMI term is a log-determinant, so the loss is **often negative**; that is expected (NVIDIA
+issues #85, #181) and does not indicate a bug.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from scaleseg.errors import DataError
+
+__all__ = ["RMICriterion", "sigmoid_bce", "rmi_lower_bound", "valid_onehot"]
+
+_CLIP_MIN = 1e-6  # added to the masked probabilities, as in the reference
+_POS_ALPHA = 5e-4  # diagonal jitter keeping the 9×9 covariances positive definite
+_LOG_EPS = 1e-8  # added to the Cholesky diagonal before the log, as in the reference
+
+
+def _check_shapes(logits: Tensor, target: Tensor, num_classes: int) -> None:
+    if logits.dim() != 4 or target.dim() != 3 or logits.shape[0] != target.shape[0] \
+            or logits.shape[-2:] != target.shape[-2:] or logits.shape[1] != num_classes:
+        raise DataError(
+            f"RMI/BCE loss: logits {tuple(logits.shape)} and target {tuple(target.shape)} do not match; "
+            f"expected B×{num_classes}×H×W logits and B×H×W int64 labels"
+        )
+
+
+def valid_onehot(target: Tensor, num_classes: int, ignore_index: int) -> tuple[Tensor, Tensor]:
+    """``B×H×W`` labels → (``B×K×H×W`` one-hot float with invalid pixels all-zero, ``B×1×H×W`` valid mask).
+
+    A pixel is valid iff ``0 <= label < num_classes`` and ``label != ignore_index``.
+    """
+    valid = (target >= 0) & (target < num_classes) & (target != ignore_index)
+    onehot = F.one_hot(torch.where(valid, target, 0).long(), num_classes).permute(0, 3, 1, 2)
+    mask = valid.unsqueeze(1)
+    return (onehot * mask).float(), mask.float()
+
+
+def sigmoid_bce(logits: Tensor, onehot: Tensor, mask: Tensor) -> Tensor:
+    """Per-class sigmoid BCE over one-hot targets, summed over classes and valid pixels, / (valid + 1).
+
+    ``logits``/``onehot``: ``B×K×H×W``; ``mask``: ``B×1×H×W`` (1 = valid). Returns a scalar.
+    """
+    total = F.binary_cross_entropy_with_logits(
+        logits, onehot.to(logits.dtype), weight=mask.to(logits.dtype).expand_as(logits), reduction="sum"
+    )
+    return total / (mask.sum() + 1.0)
+
+
+def _log_det_by_cholesky(matrix: Tensor) -> Tensor:
+    """``…×D×D`` symmetric positive definite → ``…`` log-determinants (reference: +1e-8 in the log)."""
+    chol = torch.linalg.cholesky(matrix)
+    return 2.0 * torch.log(torch.diagonal(chol, dim1=-2, dim2=-1) + _LOG_EPS).sum(-1)
+
+
+def rmi_lower_bound(
+    onehot: Tensor, probs: Tensor, radius: int = 3, pool_size: int = 4, pool_stride: int = 4
+) -> Tensor:
+    """RMI term: sum over classes of the mean over images of ``0.5·logdet(Σ_{Y|P}) / radius²``.
+
+    ``onehot``, ``probs``: ``B×K×H×W`` (probs already masked). Both are average-pooled
+    (``pool_size``, ``pool_stride``, padding ``pool_size // 2``, zeros counted as in the reference),
+    every ``radius×radius`` neighbourhood (no padding) becomes a ``radius²``-vector per class and
+    image, and the posterior covariance ``Σ_Y − Σ_YP (Σ_P + αI)⁻¹ Σ_YPᵀ`` is formed in float64.
+    Returns a float64 scalar.
+    """
+    if pool_stride > 1:
+        pad = pool_size // 2
+        onehot = F.avg_pool2d(onehot, pool_size, pool_stride, padding=pad)
+        probs = F.avg_pool2d(probs, pool_size, pool_stride, padding=pad)
+    b, k, h, w = probs.shape
+    if h < radius or w < radius:
+        raise DataError(
+            f"RMI loss: pooled map {h}×{w} is smaller than radius {radius}; "
+            f"expected inputs of at least {(radius - 1) * pool_stride + 1} px per side"
+        )
+    d = radius * radius
+    # unfold orders each patch (y, x) row-major, matching the reference's map_get_pairs
+    la = F.unfold(onehot.reshape(b * k, 1, h, w).double(), radius).view(b, k, d, -1)
+    pr = F.unfold(probs.reshape(b * k, 1, h, w).double(), radius).view(b, k, d, -1)
+    la = la - la.mean(dim=3, keepdim=True)
+    pr = pr - pr.mean(dim=3, keepdim=True)
+    eye = torch.eye(d, dtype=torch.float64, device=probs.device)
+    la_cov = la @ la.transpose(2, 3)
+    pr_cov = pr @ pr.transpose(2, 3)
+    la_pr_cov = la @ pr.transpose(2, 3)
+    pr_chol = torch.linalg.cholesky(pr_cov + _POS_ALPHA * eye)
+    appro_var = la_cov - la_pr_cov @ torch.cholesky_solve(la_pr_cov.transpose(2, 3), pr_chol)
+    rmi_now = 0.5 * _log_det_by_cholesky(appro_var + _POS_ALPHA * eye)  # B×K
+    return (rmi_now.mean(dim=0) / d).sum()
+
+
+class RMICriterion(nn.Module):
+    """HMSA's criterion: ``0.5·BCE + 0.5·RMI`` (``do_rmi=True``) or BCE only (``do_rmi=False``).
+
+    ``forward(logits B×K×H×W, target B×H×W int64, do_rmi=None) -> scalar``; ``do_rmi=None`` uses the
+    instance default. BCE is the per-class sigmoid BCE of :func:`sigmoid_bce`; RMI is
+    :func:`rmi_lower_bound` on ``sigmoid(logits)·valid + 1e-6``. The reference recipe supervises
+    the main fused logits with both terms and the aux / per-scale logits with BCE only
+    (``RMICriterion(..., do_rmi=False)`` or ``criterion.bce_only()``).
+
+    Differences from the reference (see module docstring): ``ignore_index`` honoured; CPU and CUDA;
+    autocast disabled inside. **Negative values are expected** (the RMI term is a log-determinant).
+    The returned scalar has the dtype of the logits promoted to at least float32.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        ignore_index: int = 255,
+        *,
+        do_rmi: bool = True,
+        radius: int = 3,
+        pool_size: int = 4,
+        pool_stride: int = 4,
+        rmi_weight: float = 0.5,
+    ) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.do_rmi = do_rmi
+        self.radius = radius
+        self.pool_size = pool_size
+        self.pool_stride = pool_stride
+        self.rmi_weight = rmi_weight
+
+    def bce_only(self) -> RMICriterion:
+        """A copy of this criterion with ``do_rmi=False`` (for aux and per-scale terms)."""
+        return RMICriterion(
+            self.num_classes, self.ignore_index, do_rmi=False, radius=self.radius,
+            pool_size=self.pool_size, pool_stride=self.pool_stride, rmi_weight=self.rmi_weight,
+        )
+
+    def forward(self, logits: Tensor, target: Tensor, do_rmi: bool | None = None) -> Tensor:
+        _check_shapes(logits, target, self.num_classes)
+        do_rmi = self.do_rmi if do_rmi is None else do_rmi
+        with torch.autocast(device_type=logits.device.type, enabled=False):
+            logits = logits if logits.dtype == torch.float64 else logits.float()
+            onehot, mask = valid_onehot(target, self.num_classes, self.ignore_index)
+            onehot, mask = onehot.to(logits.dtype), mask.to(logits.dtype)
+            bce = sigmoid_bce(logits, onehot, mask)
+            if not do_rmi:
+                return bce
+            probs = torch.sigmoid(logits) * mask + _CLIP_MIN
+            rmi = rmi_lower_bound(onehot, probs, self.radius, self.pool_size, self.pool_stride)
+            return (1.0 - self.rmi_weight) * bce + self.rmi_weight * rmi.to(logits.dtype)

@@ -1,0 +1,292 @@
+"""HMSA fusion formulas, baselines and losses against hand-written references on mock base models."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from scaleseg.errors import ConfigError
+from scaleseg.losses.ce import CrossEntropyLoss
+from scaleseg.losses.rmi import RMICriterion
+from scaleseg.models.hmsa import (
+    AttentionHead,
+    ExplicitAttention,
+    HierarchicalAttention,
+    ScalePooling,
+    deeplabv3plus_os8,
+)
+from scaleseg.types import StepInfo
+
+K, C = 4, 6
+
+
+def up(t: Tensor, size) -> Tensor:
+    return F.interpolate(t, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+class ConvBase(nn.Module):
+    """Tiny trainable contract model: logits at input size, aux, feats at stride 4 (input multiple of 4)."""
+
+    num_classes, mean, std, stride = K, (0.5,) * 3, (0.25,) * 3, 4
+
+    def __init__(self, aux: bool = True) -> None:
+        super().__init__()
+        self.feat = nn.Conv2d(3, C, 3, padding=1)
+        self.cls = nn.Conv2d(C, K, 1)
+        self.aux = nn.Conv2d(C, K, 1) if aux else None
+        self.criterion = CrossEntropyLoss()
+
+    def forward_features(self, x: Tensor) -> dict[str, Tensor]:
+        feats = F.avg_pool2d(torch.tanh(self.feat(x)), 4)
+        out = {"logits": up(self.cls(feats), x.shape[-2:]), "feats": feats}
+        if self.aux is not None:
+            out["aux"] = up(self.aux(feats), x.shape[-2:])
+        return out
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_features(x)["logits"]
+
+
+class TableBase(nn.Module):
+    """Returns fixed random logits/aux/feats per input size: the test controls every per-scale output."""
+
+    num_classes, mean, std, stride = K, (0.0,) * 3, (1.0,) * 3, 1
+
+    def __init__(self, sizes: list[tuple[int, int]], seed: int = 0) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.table = {
+            s: {"logits": torch.randn(1, K, *s, generator=g), "aux": torch.randn(1, K, *s, generator=g),
+                "feats": torch.randn(1, C, s[0] // 2, s[1] // 2, generator=g)}
+            for s in sizes
+        }
+        self.seen: list[tuple[int, int]] = []
+        self.criterion = CrossEntropyLoss()
+
+    def forward_features(self, x: Tensor) -> dict[str, Tensor]:
+        size = tuple(x.shape[-2:])
+        self.seen.append(size)
+        return dict(self.table[size])
+
+
+class GateFromFeats(nn.Module):
+    """Attention stand-in with a known value: sigmoid of the first feature channel."""
+
+    def forward(self, feats: Tensor) -> Tensor:
+        return torch.sigmoid(feats[:, :1])
+
+
+def test_attention_head_layout_and_init() -> None:
+    torch.manual_seed(0)
+    head = AttentionHead(C).eval()
+    names = [n for n, _ in head.named_children()]
+    assert names == ["conv0", "bn0", "re0", "conv1", "bn1", "re1", "conv2", "sig"]
+    assert head.conv0.bias is None and head.conv1.bias is None and head.conv2.bias is None
+    assert head.conv0.out_channels == 256 and head.conv2.out_channels == 1
+    with torch.no_grad():
+        a = head(torch.randn(2, C, 8, 8))
+    assert a.shape == (2, 1, 8, 8)
+    assert float((a - 0.5).abs().max()) < 0.05  # default init: an equal blend at start
+
+
+def test_two_scale_training_fusion_equals_nscale_inference() -> None:
+    torch.manual_seed(0)
+    model = HierarchicalAttention(ConvBase(), C).eval()
+    # train BN statistics a little so eval-mode BN is not the identity
+    with torch.no_grad():
+        for m in model.scale_attn.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+    x = torch.randn(2, 3, 32, 40)
+    two = model.two_scale_forward(x, return_scales=True)
+    chain = model.forward_features(x, scales=(1.0, 0.5), return_scales=True)
+    for key in ("logits", "aux", "pred_0.5x", "attn_0.5x", "pred_1.0x"):
+        torch.testing.assert_close(two[key], chain[key], atol=1e-6, rtol=0)
+    # and the two-scale formula by hand
+    p_lo, a_lo, p_hi = two["pred_0.5x"], two["attn_0.5x"], two["pred_1.0x"]
+    assert p_lo.shape[-2:] == a_lo.shape[-2:] == (16, 20)
+    want = up(a_lo * p_lo, (32, 40)) + (1 - up(a_lo, (32, 40))) * p_hi
+    torch.testing.assert_close(two["logits"], want, atol=1e-6, rtol=0)
+    assert not torch.allclose(up(a_lo, (32, 40)) * up(p_lo, (32, 40)), up(a_lo * p_lo, (32, 40)))
+
+
+def test_nscale_chain_matches_hand_formula() -> None:
+    h, w = 33, 30  # odd sizes: scaled sizes are floor(H·s)
+    sizes = {2.0: (66, 60), 1.0: (33, 30), 0.5: (16, 15), 0.25: (8, 7)}
+    base = TableBase(list(sizes.values()))
+    model = HierarchicalAttention(base, C, infer_scales=(0.5, 1.0, 2.0)).eval()
+    model.scale_attn = GateFromFeats()
+    x = torch.randn(1, 3, h, w)
+    out = model.forward_features(x, return_scales=True)
+    assert base.seen == [sizes[2.0], sizes[1.0], sizes[0.5]]  # high → low
+    t = base.table
+
+    def gate(s: float) -> Tensor:  # predicted at feature resolution, then upsampled to the scale's input
+        return up(torch.sigmoid(t[sizes[s]]["feats"][:, :1]), sizes[s])
+
+    for key in ("logits", "aux"):
+        p = {s: t[sizes[s]][key] for s in sizes}
+        want = p[2.0]
+        want = gate(1.0) * p[1.0] + (1 - gate(1.0)) * up(want, sizes[1.0])
+        want = up(gate(0.5) * p[0.5], sizes[1.0]) + (1 - up(gate(0.5), sizes[1.0])) * want
+        torch.testing.assert_close(out[key], want, atol=1e-6, rtol=0)
+    assert out["logits"].shape == (1, K, h, w)
+    assert "attn_2.0x" not in out and out["attn_0.5x"].shape == (1, 1, 16, 15)
+    torch.testing.assert_close(out["pred_2.0x"], t[sizes[2.0]]["logits"])
+
+    # four scales, given unsorted: 0.25 acts last
+    base.seen.clear()
+    out4 = model.forward_features(x, scales=[1.0, 0.25, 2.0, 0.5])
+    assert base.seen == [sizes[2.0], sizes[1.0], sizes[0.5], sizes[0.25]]
+    want = out["logits"]
+    want = up(gate(0.25) * t[sizes[0.25]]["logits"], sizes[1.0]) + (1 - up(gate(0.25), sizes[1.0])) * want
+    torch.testing.assert_close(out4["logits"], want, atol=1e-6, rtol=0)
+
+
+def test_train_mode_uses_two_scales_and_eval_uses_infer_scales() -> None:
+    base = TableBase([(16, 16), (8, 8), (32, 32)])
+    model = HierarchicalAttention(base, C, infer_scales=(1.0, 2.0))
+    model.scale_attn = GateFromFeats()
+    x = torch.randn(1, 3, 16, 16)
+    model.train()
+    model.forward_features(x)
+    assert base.seen == [(8, 8), (16, 16)]
+    base.seen.clear()
+    model.eval()
+    model.forward_features(x)
+    assert base.seen == [(32, 32), (16, 16)]
+
+
+def test_single_scale_inference_is_the_base_model() -> None:
+    torch.manual_seed(4)
+    model = HierarchicalAttention(ConvBase(), C, infer_scales=(1.0,)).eval()
+    x = torch.randn(1, 3, 24, 32)
+    with torch.no_grad():
+        out = model.forward_features(x)
+        ref = model.base.forward_features(x)
+    for key in ("logits", "aux", "feats"):
+        torch.testing.assert_close(out[key], ref[key], atol=0, rtol=0)
+
+
+def test_scale_lists_without_one_raise_config_error() -> None:
+    with pytest.raises(ConfigError, match=r"infer_scales=\[0\.5, 2\.0\].*1\.0"):
+        HierarchicalAttention(ConvBase(), C, infer_scales=(0.5, 2.0))
+    with pytest.raises(ConfigError, match="train_scales"):
+        HierarchicalAttention(ConvBase(), C, train_scales=(0.5, 0.75))
+    with pytest.raises(ConfigError, match="train_scales"):
+        HierarchicalAttention(ConvBase(), C, train_scales=(1.0, 2.0))
+    model = HierarchicalAttention(ConvBase(), C).eval()
+    with pytest.raises(ConfigError, match=r"scales=\[0\.5, 0\.75\]"):
+        model.forward_features(torch.randn(1, 3, 16, 16), scales=[0.5, 0.75])
+    with pytest.raises(ConfigError, match="scales="):
+        ExplicitAttention(ConvBase(), C, scales=(0.5, 2.0))
+
+
+def test_training_losses_terms() -> None:
+    torch.manual_seed(1)
+    model = HierarchicalAttention(ConvBase(), C).train()
+    x = torch.randn(2, 3, 32, 32)
+    mask = torch.randint(0, K, (2, 32, 32))
+    mask[:, :4] = 255
+    torch.manual_seed(5)
+    losses = model.training_losses({"image": x, "mask": mask}, StepInfo())
+    assert set(losses) == {"main", "aux", "pred_0.5x", "pred_1.0x"}
+    sum(losses.values()).backward()
+    assert model.scale_attn.conv0.weight.grad is not None and model.base.aux.weight.grad is not None
+    torch.manual_seed(5)
+    out = model.two_scale_forward(x, return_scales=True)  # same BN batch statistics → same values
+    ce = CrossEntropyLoss()
+    torch.testing.assert_close(losses["main"], ce(out["logits"], mask))
+    torch.testing.assert_close(losses["aux"], 0.4 * ce(out["aux"], mask))
+    torch.testing.assert_close(losses["pred_0.5x"], 0.05 * ce(up(out["pred_0.5x"], (32, 32)), mask))
+    torch.testing.assert_close(losses["pred_1.0x"], 0.05 * ce(out["pred_1.0x"], mask))
+
+    # RMI criterion: RMI + BCE on the fused logits, BCE only on aux and per-scale terms
+    rmi_model = HierarchicalAttention(ConvBase(), C, criterion=RMICriterion(K), per_scale_weight=0.1).eval()
+    out = rmi_model.two_scale_forward(x, return_scales=True)
+    losses = rmi_model.training_losses({"image": x, "mask": mask}, StepInfo())
+    bce = RMICriterion(K, do_rmi=False)
+    torch.testing.assert_close(losses["main"], RMICriterion(K)(out["logits"], mask))
+    torch.testing.assert_close(losses["aux"], 0.4 * bce(out["aux"], mask))
+    torch.testing.assert_close(losses["pred_1.0x"], 0.1 * bce(out["pred_1.0x"], mask))
+    assert not torch.allclose(losses["main"], bce(out["logits"], mask))
+
+    # no aux head on the base, per-scale supervision off → only the main term
+    plain = HierarchicalAttention(ConvBase(aux=False), C, per_scale_weight=0.0)
+    assert set(plain.training_losses({"image": x, "mask": mask}, StepInfo())) == {"main"}
+
+
+def test_explicit_attention_softmax_weights_and_fusion() -> None:
+    torch.manual_seed(2)
+    model = ExplicitAttention(ConvBase(), C, scales=(0.5, 1.0, 2.0)).eval()
+    x = torch.randn(2, 3, 32, 24)
+    out = model.forward_features(x, return_scales=True)
+    w = out["weights"]
+    assert w.shape == (2, 3, 32, 24)
+    torch.testing.assert_close(w.sum(1), torch.ones(2, 32, 24), atol=1e-6, rtol=0)
+    assert float(w.detach().min()) > 0
+    # by hand: features resized to the 1.0 feature size, 3×3 conv/BN/ReLU/1×1, softmax, upsample
+    runs = {s: model.base.forward_features(up(x, (int(32 * s), int(24 * s))) if s != 1 else x) for s in (0.5, 1.0, 2.0)}
+    cat = torch.cat([up(runs[s]["feats"], (8, 6)) for s in (0.5, 1.0, 2.0)], 1)
+    weights = up(torch.softmax(model.scale_attn(cat), 1), (32, 24))
+    want = sum(weights[:, i : i + 1] * up(runs[s]["logits"], (32, 24)) for i, s in enumerate((0.5, 1.0, 2.0)))
+    torch.testing.assert_close(out["logits"], want, atol=1e-6, rtol=0)
+    assert out["logits"].shape == (2, K, 32, 24) and out["aux"].shape == (2, K, 32, 24)
+    model.train()
+    losses = model.training_losses({"image": x, "mask": torch.randint(0, K, (2, 32, 24))}, StepInfo())
+    assert set(losses) == {"main", "aux", "pred_0.5x", "pred_1.0x", "pred_2.0x"}
+    sum(losses.values()).backward()
+    assert model.scale_attn.conv0.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("mode", ["avg", "max"])
+def test_scale_pooling_matches_hand_computation(mode: str) -> None:
+    torch.manual_seed(3)
+    base = ConvBase()
+    model = ScalePooling(base, scales=(0.5, 1.0, 2.0), mode=mode).eval()
+    x = torch.randn(2, 3, 32, 32)
+    out = model.forward_features(x)
+    per_scale = torch.stack([up(base.forward_features(up(x, (int(32 * s),) * 2))["logits"], (32, 32))
+                             for s in (0.5, 1.0, 2.0)])
+    want = per_scale.mean(0) if mode == "avg" else per_scale.max(0).values
+    torch.testing.assert_close(out["logits"], want, atol=1e-6, rtol=0)
+    torch.testing.assert_close(out["feats"], base.forward_features(x)["feats"])
+    model.train()  # training is single scale: the base model itself
+    torch.testing.assert_close(model.forward_features(x)["logits"], base.forward_features(x)["logits"])
+    with pytest.raises(ConfigError, match="scale_mode"):
+        ScalePooling(base, mode="median")
+
+
+def test_contract_attributes_and_predict() -> None:
+    base = ConvBase()
+    model = HierarchicalAttention(base, C)
+    assert (model.num_classes, model.mean, model.std, model.stride) == (K, base.mean, base.std, 4)
+    image = torch.randint(0, 256, (3, 20, 28), dtype=torch.uint8)
+    labels = model.train().predict(image)
+    assert model.training  # mode restored
+    assert labels.shape == (20, 28) and labels.dtype == torch.int64
+    x = ((image.float() / 255 - 0.5) / 0.25).unsqueeze(0)
+    with torch.no_grad():
+        torch.testing.assert_close(labels, model.eval()(x).argmax(1)[0])
+
+
+def test_deeplabv3plus_os8_builds_and_wraps() -> None:
+    model = deeplabv3plus_os8(3, backbone="test_resnet")
+    assert model.backbone.strides[-1] == 8 and model.head.feat_channels == 304
+    hmsa = HierarchicalAttention(model, model.head.feat_channels).eval()
+    with torch.no_grad():
+        out = hmsa.forward_features(torch.randn(1, 3, 36, 44), return_scales=True)
+    assert out["logits"].shape == (1, 3, 36, 44) and out["attn_0.5x"].shape == (1, 1, 18, 22)
+    assert out["feats"].shape == (1, 304, 10, 12)  # the input is padded to 40×48 (stride 8) inside
+    # the gate covers the padded input: upsample to 40×48, then crop to 36×44
+    with torch.no_grad():
+        gate = up(hmsa.scale_attn(out["feats"]), (40, 48))[..., :36, :44]
+        naive = up(hmsa.scale_attn(out["feats"]), (36, 44))
+    torch.testing.assert_close(out["attn_1.0x"], gate, atol=1e-6, rtol=0)
+    assert not torch.allclose(out["attn_1.0x"], naive, atol=1e-4)
