@@ -98,6 +98,11 @@ def test_deeplab_sssr_options_and_quarter_scale() -> None:
     model = DSRL(_deeplab(), lr_scale=0.5).eval()
     assert model.sssr.steps == 1 and model.sssr_stride == 1  # bilinear 1/4 → input, then one deconv
     assert model.sisr.conv1.in_channels == 16 + 48  # DeepLabV3+ decoder concat
+    wide = SISRBranch(304, 2)  # a 304-channel decoder is reduced by a 1×1 conv before the resize
+    feats = torch.randn(1, 304, 4, 6)
+    x = F.interpolate(wide.reduce(feats), size=(8, 12), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(wide(feats, (16, 24))[1], torch.tanh(wide.conv2(torch.tanh(wide.conv1(x)))))
+    assert wide.conv1.in_channels == 64
     x = torch.randn(1, 3, 32, 48)
     assert model(x).shape == (1, K, 64, 96)
     three = DSRL(_deeplab(), sssr_stride=4).eval()

@@ -37,11 +37,13 @@ class MCIBIConfig:
     enabled: bool = False
     channels: int = 512
     momentum: float = 0.9
+    momentum_min_ratio: float = 0.0  # 0.01 reproduces the reference's lr-coupled floor
     init: Literal["mean", "random_pixel"] = "mean"
     full_resolution: bool = False
-    memory_loss_weight: float = 1.0
-    memory_loss_warmup_epochs: int = 1
-    context_loss_weight: float = 0.4
+    memory_loss_weight: float = 0.4  # α: CE on the class-probability map W = softmax(H1(R))
+    consistency_weight: float = 1.0  # β: representation-consistent learning, CE(H2(M), arange(K))
+    consistency_start_epoch: int = 1  # 0-based; the reference skips the first epoch
+    stride8_weight: float = 0.4  # DeepLabV3+ host only: CE on H2's stride-8 logits
 
 
 @dataclass

@@ -18,7 +18,7 @@ from ..models.factory import create_model
 from ..visualize import colorize, overlay, save_png
 from .checkpoint import load_model_weights
 from .datamodule import SegDataModule
-from .task import SegTask, build_inferencer
+from .task import SegTask, make_predictor
 from .train import build_trainer, write_text_atomic
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
@@ -91,7 +91,7 @@ def predict(cfg: Config, checkpoint: str | Path, inputs: Sequence[str | Path], o
     model, dm = load_trained(cfg, checkpoint)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).eval()
-    infer = build_inferencer(cfg)
+    infer = make_predictor(model, cfg)
     palette = dm.spec.palette_array()
     files = collect_images(inputs)
     out = Path(out_dir)
@@ -99,7 +99,7 @@ def predict(cfg: Config, checkpoint: str | Path, inputs: Sequence[str | Path], o
     with torch.inference_mode(), tqdm(total=len(files), desc="predict", unit="img") as bar:
         for batch in _same_size_batches(files, batch_size):
             x = normalize(np.stack([b[2] for b in batch]), model.mean, model.std, device)
-            logits = infer(model, x)
+            logits = infer(x)
             if logits.shape[-2:] != x.shape[-2:]:
                 logits = torch.nn.functional.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
             labels = logits.argmax(1).to(torch.uint8).cpu().numpy()

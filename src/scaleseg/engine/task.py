@@ -3,6 +3,7 @@ configured inference (whole / slide / flip / scales) into a confusion matrix syn
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import lightning as L
@@ -12,6 +13,7 @@ from torch import nn
 
 from ..config import Config, to_dict
 from ..data.base import sample_seed
+from ..errors import ConfigError
 from ..inference import Inferencer
 from ..metrics import ConfusionMatrix, scores
 from ..types import StepInfo
@@ -24,17 +26,34 @@ def poly_factor(step: int, max_steps: int, power: float, warmup_steps: int = 0, 
     return max(0.0, 1.0 - step / max(max_steps, 1)) ** power
 
 
-def build_inferencer(cfg: Config) -> Inferencer:
+def make_predictor(model: nn.Module, cfg: Config) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``x B×3×H×W → logits`` under the configured inference (``eval`` section).
+
+    For a hierarchical-attention model, ``eval.scales`` are chained by its attention (scale_mode
+    auto/hierarchical) or pooled (avg/max over its single-scale outputs, the paper's baselines); for
+    any other model they are pooled (auto = avg). Without ``eval.scales`` inference is single-scale.
+    """
+    from ..models.hmsa import HierarchicalAttention
+
     e = cfg.eval
-    scales = e.scales if e.scales and e.scale_mode != "hierarchical" else None
-    return Inferencer(
-        mode=e.mode,
-        crop_size=tuple(e.crop_size) if e.crop_size else None,
-        stride=tuple(e.stride) if e.stride else None,
-        flip=e.flip,
-        scales=scales,
-        scale_mode=e.scale_mode if scales else "avg",
+    hierarchical = isinstance(model, HierarchicalAttention)
+    if e.scale_mode == "hierarchical" and not hierarchical:
+        raise ConfigError("config key 'eval.scale_mode' = 'hierarchical' needs model.hmsa.mode=hierarchical")
+    chain = hierarchical and e.scale_mode in ("auto", "hierarchical")
+    pool_scales = e.scales if e.scales and not chain else None
+    inferencer = Inferencer(
+        mode=e.mode, crop_size=tuple(e.crop_size) if e.crop_size else None,
+        stride=tuple(e.stride) if e.stride else None, flip=e.flip, scales=pool_scales,
+        scale_mode="avg" if e.scale_mode in ("auto", "hierarchical") else e.scale_mode,
     )
+    if chain:
+        scales = tuple(e.scales or [1.0])
+        fn: Callable[[torch.Tensor], torch.Tensor] = lambda x: model.forward_features(x, scales=scales)["logits"]
+    elif hierarchical:
+        fn = lambda x: model.forward_features(x, scales=[1.0])["logits"]
+    else:
+        fn = model
+    return lambda x: inferencer(fn, x)
 
 
 def model_signature(cfg: Config, num_classes: int) -> str:
@@ -58,7 +77,7 @@ class SegTask(L.LightningModule):
         self.model = model
         self.cfg = cfg
         self.class_names = list(class_names)
-        self.inferencer = build_inferencer(cfg)
+        self.predictor = make_predictor(model, cfg)
         self.val_cm = ConfusionMatrix(len(class_names))
         self.extra_metrics = nn.ModuleDict(getattr(model, "val_metrics", lambda: {})())
         self.max_steps = 1  # set by the caller from the data length (see engine.train.steps_per_epoch)
@@ -98,7 +117,7 @@ class SegTask(L.LightningModule):
     # ------------------------------------------------------------------ evaluation
     def predict_logits(self, image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """Logits B×K×H×W at the label size ``size`` under the configured inference."""
-        logits = self.inferencer(self.model, image)
+        logits = self.predictor(image)
         if logits.shape[-2:] != tuple(size):
             logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
         return logits

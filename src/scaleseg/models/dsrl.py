@@ -103,6 +103,10 @@ class SISRBranch(nn.Module):
     ``forward(feats B×in_ch×h×w, out_size (H, W))`` → ``(sr B×3×H×W, penultimate B×hidden[1]×H/r×W/r)``:
     ``feats`` bilinearly resized to ``(H/r, W/r)`` → Conv5×5 → Tanh → Conv3×3 → Tanh → Conv3×3(3·r²) →
     PixelShuffle(r), with r = ``scale``. ``out_size`` must be divisible by r.
+
+    Wider inputs (``in_ch > hidden[0]``, e.g. DeepLabV3+'s 304-channel decoder) are first reduced by a
+    1×1 conv at feature resolution, before the resize: the 5×5 conv then runs on ``hidden[0]``
+    channels (5× fewer multiply-adds for DeepLabV3+ at 180×240; ESPCN's own input is 3 channels).
     """
 
     def __init__(self, in_ch: int, scale: int, hidden: tuple[int, int] = (64, 32)) -> None:
@@ -111,7 +115,8 @@ class SISRBranch(nn.Module):
             raise ConfigError(f"SISRBranch: scale={scale!r}, expected an integer ≥ 1")
         self.scale = scale
         self.feat_channels = hidden[1]
-        self.conv1 = nn.Conv2d(in_ch, hidden[0], 5, padding=2)
+        self.reduce: nn.Module = nn.Conv2d(in_ch, hidden[0], 1) if in_ch > hidden[0] else nn.Identity()
+        self.conv1 = nn.Conv2d(min(in_ch, hidden[0]), hidden[0], 5, padding=2)
         self.conv2 = nn.Conv2d(hidden[0], hidden[1], 3, padding=1)
         self.conv3 = nn.Conv2d(hidden[1], 3 * scale**2, 3, padding=1)
         self.shuffle = nn.PixelShuffle(scale)
@@ -120,7 +125,7 @@ class SISRBranch(nn.Module):
         h, w = out_size
         if h % self.scale or w % self.scale:
             raise DataError(f"SISRBranch: output size {h}×{w} is not divisible by scale {self.scale}")
-        x = _resize(feats, (h // self.scale, w // self.scale))
+        x = _resize(self.reduce(feats), (h // self.scale, w // self.scale))
         penultimate = torch.tanh(self.conv2(torch.tanh(self.conv1(x))))
         return self.shuffle(self.conv3(penultimate)), penultimate
 

@@ -50,14 +50,48 @@ def build_backbone(cfg: Config) -> Backbone:
     return Backbone(m.backbone, output_stride=m.output_stride, pretrained=m.pretrained, pretrained_file=m.pretrained_file)
 
 
+MCIBI_HOSTS = {"deeplabv3plus": "deeplabv3plus", "deeplabv3": "deeplabv3", "pspnet": "pspnet", "fcn": "fcn",
+               "hrnet_ocr": "ocr"}
+
+
+def build_mcibi_model(cfg: Config, num_classes: int, criterion: nn.Module) -> nn.Module:
+    """MCIBI: the dataset-level memory context inside the host head named by ``model.arch``."""
+    from .mcibi import MCIBIModel
+
+    m, mc = cfg.model, cfg.model.mcibi
+    if m.arch not in MCIBI_HOSTS:
+        raise ConfigError(f"model.mcibi.enabled needs model.arch in {sorted(MCIBI_HOSTS)}; got {m.arch!r}")
+    if m.arch == "hrnet_ocr":
+        from .hrnet import HRNetV2
+
+        backbone: nn.Module = HRNetV2(m.backbone, pretrained=m.pretrained, pretrained_file=m.pretrained_file)
+    else:
+        backbone = build_backbone(cfg)
+    return MCIBIModel(
+        backbone, num_classes, host=MCIBI_HOSTS[m.arch], channels=mc.channels, criterion=criterion,
+        aux_head=m.aux_head, aux_weight=m.aux_weight, memory_loss_weight=mc.memory_loss_weight,
+        consistency_weight=mc.consistency_weight, consistency_start_epoch=mc.consistency_start_epoch,
+        stride8_weight=mc.stride8_weight, momentum=mc.momentum, momentum_min_ratio=mc.momentum_min_ratio,
+        memory_init=mc.init, full_resolution=mc.full_resolution,
+    )
+
+
 def build_segmentation_model(cfg: Config, num_classes: int) -> nn.Module:
     """Backbone + head (+ aux head) + criterion, before any method wrapper."""
     m = cfg.model
     criterion = build_criterion(cfg.loss, num_classes)
+    if m.mcibi.enabled:
+        return build_mcibi_model(cfg, num_classes, criterion)
     if m.arch == "espnetv2":
         from .espnetv2 import espnetv2_seg
 
         return espnetv2_seg(num_classes, s=m.width, criterion=criterion)
+    if m.arch == "hrnet_ocr":
+        from .ocr import hrnet_ocr
+
+        mid = m.head_channels * 2  # OCR mid channels 512 with the default head_channels 256
+        return hrnet_ocr(num_classes, m.backbone, pretrained=m.pretrained, pretrained_file=m.pretrained_file,
+                         criterion=criterion, aux_weight=m.aux_weight, mid_channels=mid, key_channels=mid // 2)
     backbone = build_backbone(cfg)
     aux = AuxFCNHead(backbone.channels[-2], num_classes, m.head_channels) if m.aux_head else None
     head = _head(m.arch, backbone.channels, num_classes, cfg)
@@ -69,7 +103,27 @@ def create_model(cfg: Config, num_classes: int) -> nn.Module:
     model: Any = build_segmentation_model(cfg, num_classes)
     if cfg.model.dsrl.enabled:
         model = wrap_dsrl(model, cfg)
+    if cfg.model.hmsa.mode != "none":
+        model = wrap_multiscale(model, cfg)
     return model
+
+
+def wrap_multiscale(base: nn.Module, cfg: Config) -> nn.Module:
+    """Hierarchical multi-scale attention, or Chen et al.'s explicit attention, around ``base``.
+    The attention head reads the base's ``feats`` (the tensor its classifier sees)."""
+    from .hmsa import ExplicitAttention, HierarchicalAttention
+
+    h, m = cfg.model.hmsa, cfg.model
+    head = getattr(base, "head", None)
+    attn_in = getattr(head, "feat_channels", None)
+    if attn_in is None:
+        raise ConfigError(f"model.hmsa.mode={h.mode!r} needs a model whose head reports feat_channels ({m.arch} does not)")
+    if h.mode == "hierarchical":
+        return HierarchicalAttention(base, attn_in, train_scales=h.train_scales, infer_scales=(1.0,),
+                                     per_scale_weight=h.per_scale_weight, aux_weight=m.aux_weight,
+                                     attn_bottleneck=h.attn_channels)
+    return ExplicitAttention(base, attn_in, h.explicit_scales, per_scale_weight=h.per_scale_weight,
+                             aux_weight=m.aux_weight, attn_bottleneck=h.attn_channels)
 
 
 def wrap_dsrl(base: nn.Module, cfg: Config) -> nn.Module:
