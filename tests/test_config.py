@@ -68,3 +68,12 @@ def test_every_shipped_config_validates():
     assert len(files) >= 5
     for f in files:
         assert isinstance(load_config(f), Config), f
+
+
+def test_mcibi_refuses_wrappers_that_would_skip_its_memory_update():
+    import scaleseg
+
+    for extra in (["model.dsrl.enabled=true"], ["model.hmsa.mode=hierarchical"]):
+        cfg = load_config(None, ["model.backbone=test_resnet", "model.mcibi.enabled=true", *extra])
+        with pytest.raises(ConfigError, match="mcibi"):
+            scaleseg.create_model(cfg)

@@ -64,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--flip", action="store_true", help="average logits with a horizontal flip")
         p.add_argument("--quiet", action="store_true")
         if name == "eval":
-            p.add_argument("--dump-scales", action="store_true", help="also write per-scale predictions and attention maps")
+            p.add_argument("--dump-scales", type=int, default=0, metavar="N",
+                           help="also write per-scale predictions and attention maps of N images (PNG + index.html)")
         if name != "eval":
             p.add_argument("--batch-size", type=int, default=4)
         if name == "autolabel":
@@ -100,7 +101,7 @@ def run(argv: list[str] | None = None) -> int:
         overrides, rest = _split_overrides(args.items)
         if rest:
             raise ScalesegError(f"eval takes only key=value overrides, got: {' '.join(rest)}")
-        evaluate(_load(args, overrides), args.checkpoint, args.out)
+        evaluate(_load(args, overrides), args.checkpoint, args.out, dump_scales=args.dump_scales)
     elif args.command == "predict":
         from .engine.evaluate import predict
 

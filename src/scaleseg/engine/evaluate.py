@@ -14,6 +14,7 @@ from ..config import Config
 from ..data.base import read_image
 from ..errors import DataError
 from ..metrics import format_table
+from ..models.dsrl import count_flops
 from ..models.factory import create_model
 from ..visualize import colorize, overlay, save_png
 from .checkpoint import load_model_weights
@@ -33,8 +34,10 @@ def load_trained(cfg: Config, checkpoint: str | Path) -> tuple[Any, SegDataModul
     return model, dm
 
 
-def evaluate(cfg: Config, checkpoint: str | Path, out_dir: str | Path) -> dict[str, Any]:
-    """Evaluate on ``data.val_split``; prints the per-class table and writes ``out_dir/metrics.json``."""
+def evaluate(cfg: Config, checkpoint: str | Path, out_dir: str | Path, dump_scales: int = 0) -> dict[str, Any]:
+    """Evaluate on ``data.val_split``; prints the per-class table and writes ``out_dir/metrics.json``
+    (with the model's GFLOPs at the first image's input size). ``dump_scales`` > 0 also writes that
+    many images' per-scale predictions and attention maps with an ``index.html`` to ``out_dir/scales``."""
     model, dm = load_trained(cfg, checkpoint)
     task = SegTask(model, cfg, list(dm.spec.classes))
     trainer = build_trainer(cfg, None, logger=False, max_epochs=1)
@@ -44,8 +47,17 @@ def evaluate(cfg: Config, checkpoint: str | Path, out_dir: str | Path) -> dict[s
     result["checkpoint"] = str(checkpoint)
     result["split"] = cfg.data.val_split
     if trainer.is_global_zero:
+        image = dm.val_set[0]["image"]
+        result["gflops"] = count_flops(model, (1, *image.shape)) / 1e9
+        result["input_size"] = list(image.shape[-2:])
         print(format_table(task.last_scores))
+        print(f"GFLOPs per image at {image.shape[-2]}×{image.shape[-1]}: {result['gflops']:.2f}")
         write_text_atomic(Path(out_dir) / "metrics.json", json.dumps(result, indent=2))
+        if dump_scales:
+            from .report import dump_scale_maps
+
+            page = dump_scale_maps(model, dm.val_set, cfg.eval.scales or [1.0], Path(out_dir) / "scales", limit=dump_scales)
+            print(f"wrote {page}")
     return result
 
 

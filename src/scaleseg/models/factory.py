@@ -100,6 +100,11 @@ def build_segmentation_model(cfg: Config, num_classes: int) -> nn.Module:
 
 def create_model(cfg: Config, num_classes: int) -> nn.Module:
     """The model the config describes, for ``num_classes`` classes."""
+    m = cfg.model
+    if m.mcibi.enabled and (m.dsrl.enabled or m.hmsa.mode != "none"):
+        # both wrappers train through base.forward_features, which would skip the memory update
+        raise ConfigError("model.mcibi.enabled cannot yet be combined with model.dsrl or model.hmsa: "
+                          "their training would bypass the MCIBI memory update")
     model: Any = build_segmentation_model(cfg, num_classes)
     if cfg.model.dsrl.enabled:
         model = wrap_dsrl(model, cfg)
