@@ -85,6 +85,8 @@ def test_predict_writes_label_colour_overlay_matching_the_model(tmp_path, traine
         with torch.no_grad():
             expected = model(normalise(np.array(Image.open(path).convert("RGB")), model)).argmax(1)[0].numpy()
         np.testing.assert_array_equal(label, expected)
+        assert Image.open(f"{stem}_color.png").mode == "P"
+        np.testing.assert_array_equal(np.array(Image.open(f"{stem}_color.png")), label)
         colour = np.array(Image.open(f"{stem}_color.png").convert("RGB"))
         palette = np.array(val_palette())
         np.testing.assert_array_equal(colour, palette[label])

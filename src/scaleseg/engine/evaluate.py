@@ -99,7 +99,8 @@ def normalize(images: np.ndarray, mean: Sequence[float], std: Sequence[float], d
 
 def predict(cfg: Config, checkpoint: str | Path, inputs: Sequence[str | Path], out_dir: str | Path,
             batch_size: int = 4) -> list[Path]:
-    """Write ``<name>_label.png`` (ids), ``<name>_color.png`` and ``<name>_overlay.png`` per image."""
+    """Write ``<name>_label.png`` (ids), ``<name>_color.png`` (palette PNG) and ``<name>_overlay.png``
+    per image, in batches of equal-size images, with a progress bar."""
     model, dm = load_trained(cfg, checkpoint)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).eval()
@@ -119,7 +120,7 @@ def predict(cfg: Config, checkpoint: str | Path, inputs: Sequence[str | Path], o
                 stem = out / rel.with_suffix("")
                 color = colorize(label, palette)
                 save_png(f"{stem}_label.png", label)
-                save_png(f"{stem}_color.png", color)
+                save_png(f"{stem}_color.png", label, palette=palette)  # palette PNG: ids + colours
                 save_png(f"{stem}_overlay.png", overlay(image, color, 0.5))
                 written.append(Path(f"{stem}_label.png"))
             bar.update(len(batch))
