@@ -93,6 +93,17 @@ def test_predict_writes_label_colour_overlay_matching_the_model(tmp_path, traine
         assert Image.open(f"{stem}_overlay.png").size == (128, 64)
 
 
+def test_autolabel_command_writes_labels_and_confidences(tmp_path, trained, capsys):
+    cfg, model, run = trained
+    export(tmp_path / "exp", "val", num_images=3, size=(64, 128))
+    code, out, err = run_cli(capsys, "autolabel", str(tmp_path / "tiny.yaml"), "--checkpoint", str(run / "model.safetensors"),
+                             str(tmp_path / "exp" / "val"), "--out", str(tmp_path / "auto"), "--quiet")
+    assert code == 0, err
+    assert "3 images" in out
+    assert len(list((tmp_path / "auto").glob("*_conf.png"))) == 3
+    assert len([p for p in (tmp_path / "auto").glob("*.png") if not p.stem.endswith("_conf")]) == 3
+
+
 def val_palette():
     from scaleseg.data.scalescenes import SCALESCENES
 

@@ -54,6 +54,8 @@ def test_resume_after_kill_equals_uninterrupted_run(tmp_path):
     scaleseg("train", *_config(tmp_path), *TINY, "train.epochs=2", "train.checkpoint_every_n_steps=1",
              f"output_dir={killed}", "--resume", "auto", "--quiet")
 
+    # last.ckpt holds the final state (16 images / batch 4 = 4 steps per epoch, 2 epochs)
+    assert torch.load(full / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 8
     (m_full, w_full), (m_killed, w_killed) = final_state(full), final_state(killed)
     assert m_full["confusion_matrix"] == m_killed["confusion_matrix"]
     assert m_full["mIoU"] == m_killed["mIoU"]

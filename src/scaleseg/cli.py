@@ -54,22 +54,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="do not print the resolved config")
 
     for name, helptext in (("eval", "evaluate a checkpoint on data.val_split"),
-                           ("predict", "write label, colour and overlay PNGs for images")):
+                           ("predict", "write label, colour and overlay PNGs for images"),
+                           ("autolabel", "label images with a teacher: train-id PNG + confidence PNG each")):
         p = sub.add_parser(name, help=helptext)
         p.add_argument("config")
         p.add_argument("items", nargs="*", help="key=value overrides" + ("" if name == "eval" else " and input files/folders"))
         p.add_argument("--checkpoint", required=True)
         p.add_argument("--out", required=True)
         p.add_argument("--scales", type=_scales, help="inference scales, e.g. 0.5,1.0,2.0")
-        p.add_argument("--flip", action="store_true", help="average logits with a horizontal flip")
+        if name == "autolabel":
+            p.add_argument("--no-flip", action="store_true", help="do not average with a horizontal flip")
+        else:
+            p.add_argument("--flip", action="store_true", help="average logits with a horizontal flip")
         p.add_argument("--quiet", action="store_true")
         if name == "eval":
             p.add_argument("--dump-scales", type=int, default=0, metavar="N",
                            help="also write per-scale predictions and attention maps of N images (PNG + index.html)")
         if name != "eval":
             p.add_argument("--batch-size", type=int, default=4)
-        if name == "autolabel":
-            p.add_argument("--no-flip", action="store_true", help="do not average with a horizontal flip")
 
     p = sub.add_parser("demo", help="train and evaluate a small model on the embedded ScaleScenes data")
     p.add_argument("overrides", nargs="*")

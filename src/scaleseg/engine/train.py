@@ -51,11 +51,16 @@ def build_trainer(cfg: Config, ckpt_dir: Path | None = None, **overrides: Any) -
     out = Path(cfg.output_dir)
     callbacks: list[Any] = []
     if ckpt_dir is not None:
-        # best.ckpt (best val mIoU) and last.ckpt after every validation; with
-        # train.checkpoint_every_n_steps also last_step.ckpt mid-epoch. --resume auto takes the newest.
+        # best.ckpt (best val mIoU); last.ckpt after every epoch (its own callback: Lightning >= 2.5
+        # refreshes save_last only when a top-k file is written); with train.checkpoint_every_n_steps
+        # also last_step.ckpt mid-epoch. --resume auto takes the newest of last and last_step.
         callbacks.append(ModelCheckpoint(
             dirpath=ckpt_dir, filename="best", monitor="val/mIoU", mode="max", save_top_k=1,
-            save_last=True, enable_version_counter=False, auto_insert_metric_name=False,
+            enable_version_counter=False, auto_insert_metric_name=False,
+        ))
+        callbacks.append(ModelCheckpoint(
+            dirpath=ckpt_dir, filename="last", save_top_k=1, every_n_epochs=1,
+            enable_version_counter=False, auto_insert_metric_name=False,
         ))
         if t.checkpoint_every_n_steps:
             callbacks.append(ModelCheckpoint(
