@@ -44,7 +44,11 @@ def _load(args: argparse.Namespace, overrides: list[str]) -> Config:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="scaleseg", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="scaleseg",
+        description="Semantic segmentation with hierarchical multi-scale attention, MCIBI and DSRL. "
+                    "Any config key can be overridden as section.key=value (e.g. train.epochs=5).",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a model from a YAML config")
