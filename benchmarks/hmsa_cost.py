@@ -3,7 +3,7 @@
 Run with no arguments: ``python benchmarks/hmsa_cost.py``. Three variants — single scale;
 hierarchical attention trained on (0.5, 1.0); explicit attention on (0.5, 1.0, 2.0) — are trained
 with SGD on DeepLabV3+ / ResNet-50 at output stride 8 (the paper's ablation trunk), batch 2,
-256×256 crop, 19 classes, the same batch for all. Each variant lives in its **own worker process**
+320×320 crop, 19 classes, the same batch for all. Each variant lives in its **own worker process**
 (so memory figures do not mix); the workers are driven one step at a time, round-robin with a
 rotating order, so only one computes at a time and load drift on a shared machine hits all variants
 alike. Per variant:
@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 
 VARIANTS = ("single", "hierarchical", "explicit")
-BACKBONE, NUM_CLASSES, BATCH, CROP = "resnet50", 19, 2, 256
+BACKBONE, NUM_CLASSES, BATCH, CROP = "resnet50", 19, 2, 320
 TIMED_STEPS = 3
 THREADS = 2
 RESULTS = Path(__file__).resolve().parent / "results" / "hmsa_cost.json"
