@@ -45,7 +45,7 @@ from ..types import StepInfo
 from .backbone import Backbone
 from .heads import ASPP, PPM, AuxFCNHead, ConvBNReLU, DeepLabV3PlusHead, aspp_dilations
 from .ocr import SpatialGather, SpatialOCR
-from .segmentor import SegmentationModel, pad_to_multiple, upsample_crop
+from .segmentor import SegmentationModel
 
 InitMode = Literal["mean", "random_pixel"]
 
@@ -665,18 +665,15 @@ class MCIBIModel(SegmentationModel):
 
     def _compute(self, x: Tensor, *, with_extras: bool) -> tuple[dict[str, Tensor], dict[str, Any]]:
         """(public outputs at input resolution, internal ``R``/``memory``/``initialized``)."""
-        height, width = x.shape[-2:]
-        padded = pad_to_multiple(x, self.stride)
-        features = self.backbone(padded)
-        out = self.head(features)
-        size = padded.shape[-2:]
-        public = {"logits": upsample_crop(out["logits"], size, height, width), "feats": out["feats"]}
+        features, out, to_input = self.run_head(x)
+        public = {"logits": to_input(out["logits"]), "feats": out["feats"]}
         if with_extras:
             for key in _FORWARD_EXTRAS:
                 if key in out:
-                    public[key] = upsample_crop(out[key], size, height, width)
+                    public[key] = to_input(out[key])
             if self.aux_head is not None:
-                public["aux"] = upsample_crop(self.aux_head(features[self.aux_index]), size, height, width)
+                public["aux"] = to_input(self.aux_head(features[self.aux_index]))
+        size = tuple(-(-d // self.stride) * self.stride for d in x.shape[-2:])  # the padded input's size
         internal = {"R": out["R"], "memory": out["memory"], "initialized": out["initialized"], "padded_size": size}
         return public, internal
 

@@ -1,6 +1,7 @@
 """SegmentationModel: backbone + head (+ auxiliary head) + criterion."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -86,18 +87,22 @@ class SegmentationModel(nn.Module):
         """Label map(s) for raw image(s), in eval mode: see ``predict_labels``."""
         return predict_labels(self, image)
 
-    def _run(self, x: Tensor, *, with_aux: bool) -> dict[str, Tensor]:
+    def run_head(self, x: Tensor) -> tuple[list[Tensor], dict[str, Tensor], Callable[[Tensor], Tensor]]:
+        """Pad ``x`` to the stride, run backbone and head → (features, head outputs, ``to_input``),
+        where ``to_input`` upsamples a head-resolution map to the padded size and crops to ``x``'s."""
         height, width = x.shape[-2:]
         padded = pad_to_multiple(x, self.stride)
         features = self.backbone(padded)
-        out = self.head(features)
         size = padded.shape[-2:]
-        result = {"logits": upsample_crop(out["logits"], size, height, width), "feats": out["feats"]}
+        return features, self.head(features), lambda t: upsample_crop(t, size, height, width)
+
+    def _run(self, x: Tensor, *, with_aux: bool) -> dict[str, Tensor]:
+        features, out, to_input = self.run_head(x)
+        result = {"logits": to_input(out["logits"]), "feats": out["feats"]}
         if with_aux and "aux" in out:  # heads with their own aux logits (OCR's soft object regions)
-            result["aux"] = upsample_crop(out["aux"], size, height, width)
+            result["aux"] = to_input(out["aux"])
         elif with_aux and self.aux_head is not None:
-            aux = self.aux_head(features[self.aux_index])
-            result["aux"] = upsample_crop(aux, size, height, width)
+            result["aux"] = to_input(self.aux_head(features[self.aux_index]))
         return result
 
 
