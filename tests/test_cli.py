@@ -179,3 +179,16 @@ def test_bad_data_gives_single_line_errors(tmp_path, trained, capsys, case, expe
     assert expected in msg
     if case != "empty":
         assert str(root) in msg  # names the file
+
+
+def test_eval_dump_scales_writes_per_scale_pictures(tmp_path, capsys):
+    cfg = load_config(None, TINY + ["model.hmsa.mode=hierarchical", "model.hmsa.attn_channels=8",
+                                    f"output_dir={tmp_path / 'run'}"])
+    (tmp_path / "hmsa.yaml").write_text(to_yaml(cfg))
+    save_weights(scaleseg.create_model(cfg), tmp_path / "hmsa.safetensors")
+    code, out, err = run_cli(capsys, "eval", str(tmp_path / "hmsa.yaml"), "--checkpoint", str(tmp_path / "hmsa.safetensors"),
+                             "--out", str(tmp_path / "ev"), "--scales", "0.5,1.0,2.0", "--dump-scales", "2", "--quiet")
+    assert code == 0, err
+    pictures = tmp_path / "ev" / "scales"
+    assert len(list(pictures.glob("*_attn_0.5x.png"))) == 2 and len(list(pictures.glob("*_pred_2x.png"))) == 2
+    assert "attn_1x" in (pictures / "index.html").read_text()
