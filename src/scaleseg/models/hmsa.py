@@ -164,6 +164,16 @@ class _ScaleWrapper(nn.Module):
         xs = x if scale == 1.0 else _resize(x, _scaled_size(x, scale))
         return xs, self.base.forward_features(xs)
 
+    def _fused_losses(self, out: dict[str, Tensor], target: Tensor, scales: Sequence[float]) -> dict[str, Tensor]:
+        """``main`` on the fused logits, then aux and per-scale terms on each unfused ``pred_<s>x``
+        resized to the fused size (see ``_weighted_side_losses``)."""
+        size = out["logits"].shape[-2:]
+        losses = {"main": self.main_criterion()(out["logits"], target)}
+        per_scale = {scale_key("pred", s): _resize(out[scale_key("pred", s)], size) for s in scales}
+        return _weighted_side_losses(
+            losses, self.side_criterion(), target, out.get("aux"), self.aux_weight, per_scale, self.per_scale_weight,
+        )
+
     def forward(self, x: Tensor) -> Tensor:
         """``B×3×H×W`` → fused ``B×K×H×W`` logits."""
         return self.forward_features(x)["logits"]
@@ -310,17 +320,8 @@ class HierarchicalAttention(_ScaleWrapper):
 
     def training_losses(self, batch: dict, step: StepInfo) -> dict[str, Tensor]:
         """Two-scale training losses for ``batch["image"]`` (B×3×H×W) and ``batch["mask"]`` (B×H×W)."""
-        target = batch["mask"]
         out = self.two_scale_forward(batch["image"], return_scales=True)
-        size = out["logits"].shape[-2:]
-        losses = {"main": self.main_criterion()(out["logits"], target)}
-        per_scale = {
-            scale_key("pred", s): _resize(out[scale_key("pred", s)], size) for s in (self.lo_scale, 1.0)
-        }
-        return _weighted_side_losses(
-            losses, self.side_criterion(), target, out.get("aux"), self.aux_weight,
-            per_scale, self.per_scale_weight,
-        )
+        return self._fused_losses(out, batch["mask"], (self.lo_scale, 1.0))
 
 
 class ScalePooling(_ScaleWrapper):
@@ -432,15 +433,8 @@ class ExplicitAttention(_ScaleWrapper):
 
     def training_losses(self, batch: dict, step: StepInfo) -> dict[str, Tensor]:
         """All-scale training losses for ``batch["image"]`` and ``batch["mask"]``."""
-        target = batch["mask"]
         out = self.forward_features(batch["image"], return_scales=True)
-        size = out["logits"].shape[-2:]
-        losses = {"main": self.main_criterion()(out["logits"], target)}
-        per_scale = {scale_key("pred", s): _resize(out[scale_key("pred", s)], size) for s in self.scales}
-        return _weighted_side_losses(
-            losses, self.side_criterion(), target, out.get("aux"), self.aux_weight,
-            per_scale, self.per_scale_weight,
-        )
+        return self._fused_losses(out, batch["mask"], self.scales)
 
 
 def deeplabv3plus_os8(
