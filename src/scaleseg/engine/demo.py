@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -12,9 +12,8 @@ from typing import Any
 import torch
 
 from ..config import load_config
-from ..inference import scale_pooling
 from ..metrics import ConfusionMatrix, scores
-from ..models.hmsa import HierarchicalAttention
+from ..models.hmsa import HierarchicalAttention, scale_key
 from .checkpoint import load_model_weights
 from .datamodule import SegDataModule, eval_loader
 from .report import dump_scale_maps
@@ -29,29 +28,49 @@ def demo_config_path() -> Path:
     return Path(str(resources.files("scaleseg") / "resources" / "demo.yaml"))
 
 
-def variants(model: HierarchicalAttention) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
-    """Inference variants on one trained network: name → (x → logits)."""
-    def single(x: torch.Tensor) -> torch.Tensor:
-        return model.forward_features(x, scales=[1.0])["logits"]
-
-    out: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"single scale 1.0": single}
+def variant_names() -> list[str]:
+    names = ["single scale 1.0"]
     for scales in SCALE_SETS:
-        name = "{" + ", ".join(f"{s:g}" for s in scales) + "}"
-        out[f"avg pooling {name}"] = lambda x, s=scales: scale_pooling(single, x, s, "avg")
-        out[f"hierarchical {name}"] = lambda x, s=scales: model.forward_features(x, scales=s)["logits"]
+        text = "{" + ", ".join(f"{s:g}" for s in scales) + "}"
+        names += [f"avg pooling {text}", f"hierarchical {text}"]
+    return names
+
+
+def variant_logits(model: HierarchicalAttention, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Logits of every inference variant for ``x``, sharing the per-scale base runs: one hierarchical
+    call per scale set returns the fused logits and each scale's own logits, whose average (in the
+    given scale order, as ``inference.scale_pooling`` sums them) is the average-pooling baseline.
+    Scaled sizes follow the hierarchical chain (floor); pooling alone would round (equal for the
+    demo's even image sizes)."""
+    out: dict[str, torch.Tensor] = {}
+    names = iter(variant_names()[1:])
+    for scales in SCALE_SETS:
+        res = model.forward_features(x, scales=scales, return_scales=True)
+        preds = [_resize_to(res[scale_key("pred", s)], x.shape[-2:]) for s in scales]
+        pooled = preds[0]
+        for p in preds[1:]:
+            pooled = pooled + p
+        out[next(names)] = pooled / len(scales)
+        out[next(names)] = res["logits"]
+        out.setdefault("single scale 1.0", res[scale_key("pred", 1.0)])
     return out
+
+
+def _resize_to(logits: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    if tuple(logits.shape[-2:]) == tuple(size):
+        return logits
+    return torch.nn.functional.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
 
 
 def compare(model: HierarchicalAttention, loader: Any, class_names: Sequence[str]) -> dict[str, dict[str, Any]]:
     """mIoU and per-class IoU of every variant over the loader's images."""
-    fns = variants(model)
-    mats = {name: ConfusionMatrix(len(class_names)) for name in fns}
+    mats = {name: ConfusionMatrix(len(class_names)) for name in variant_names()}
     model.eval()
     with torch.inference_mode():
         for batch in loader:
-            for name, fn in fns.items():
-                mats[name].update(fn(batch["image"]).argmax(1), batch["mask"])
-    return {name: scores(mat.compute(), class_names) for name, mat in mats.items()}
+            for name, logits in variant_logits(model, batch["image"]).items():
+                mats[name].update(logits.argmax(1), batch["mask"])
+    return {name: scores(mats[name].compute(), class_names) for name in variant_names()}
 
 
 def format_comparison(results: dict[str, dict[str, Any]]) -> str:
