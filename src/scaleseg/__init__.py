@@ -5,6 +5,7 @@ Python API::
     cfg = scaleseg.load_config("configs/camvid/deeplabv3plus_r18_cpu.yaml", ["model.backbone=resnet50"])
     model = scaleseg.create_model(cfg)        # model(x) -> B×K×H×W logits; model.predict(image) -> labels
     model = scaleseg.from_pretrained("runs/camvid_deeplabv3plus_r18_cpu")   # config.yaml + model.safetensors
+    model.save_pretrained("hub/camvid_r18")   # config, safetensors weights, metrics and a README.md model card
 """
 from __future__ import annotations
 
@@ -37,28 +38,24 @@ def num_classes_for(cfg: Config) -> int:
 
 
 def create_model(config: Config | str | Path, num_classes: int | None = None) -> Any:
-    """Build the model a config (object or YAML path) describes; ``model(x)`` gives B×K×H×W logits."""
+    """Build the model a config (object or YAML path) describes; ``model(x)`` gives B×K×H×W logits.
+    The config is kept as ``model.scaleseg_config`` (``model.save_pretrained(dir)`` writes it)."""
     from .models.factory import create_model as _create
 
     cfg = config if isinstance(config, Config) else load_config(config)
-    return _create(cfg, num_classes if num_classes is not None else num_classes_for(cfg))
+    model = _create(cfg, num_classes if num_classes is not None else num_classes_for(cfg))
+    model.scaleseg_config = cfg
+    return model
 
 
-def from_pretrained(path: str | Path) -> Any:
-    """Load a trained model from a run folder (``config.yaml`` + ``model.safetensors``) or from a
-    ``.ckpt`` / ``.safetensors`` file next to its run's ``config.yaml``. Nothing is downloaded."""
-    from .engine.checkpoint import load_model_weights
+def from_pretrained(path: str | Path, *, revision: str | None = None) -> Any:
+    """Load a trained model, in eval mode, from a run or ``save_pretrained`` folder (``config.yaml`` +
+    ``model.safetensors``), from a ``.ckpt`` / ``.safetensors`` file next to its run's ``config.yaml``,
+    or from a Hugging Face Hub repo ``"org/name"`` (downloaded unless ``HF_HUB_OFFLINE=1``; local
+    folders never touch the network). See :mod:`scaleseg.hub`."""
+    from .hub import load_pretrained
 
-    path = Path(path)
-    folder = path if path.is_dir() else path.parent
-    weights = path / "model.safetensors" if path.is_dir() else path
-    config = next((p for p in (folder / "config.yaml", folder.parent / "config.yaml") if p.is_file()), None)
-    if config is None:
-        raise CheckpointError(f"no config.yaml next to {path}; expected a scaleseg run folder")
-    cfg = load_config(config)
-    model = create_model(cfg)
-    load_model_weights(model, weights)
-    return model.eval()
+    return load_pretrained(path, revision=revision)
 
 
 __all__ = [

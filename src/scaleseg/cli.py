@@ -1,4 +1,4 @@
-"""Command line: ``scaleseg train|eval|predict|autolabel|demo``. Any config key can be overridden as key=value."""
+"""Command line: ``scaleseg train|eval|predict|autolabel|export|serve|demo``. Any config key can be overridden as key=value."""
 from __future__ import annotations
 
 import argparse
@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
         if name != "eval":
             p.add_argument("--batch-size", type=int, default=4)
 
+    _add_deploy_commands(sub)
+
     p = sub.add_parser("demo", help="train and evaluate a small model on the embedded ScaleScenes data")
     p.add_argument("overrides", nargs="*")
     p.add_argument("--out", default="runs/demo")
@@ -125,11 +127,65 @@ def run(argv: list[str] | None = None) -> int:
         written = autolabel(_load(args, overrides), args.checkpoint, inputs, args.out,
                             batch_size=args.batch_size, scales=args.scales, flip=not args.no_flip)
         print(f"auto-labelled {len(written)} images into {args.out}")
+    elif args.command in DEPLOY_COMMANDS:
+        _run_deploy(args)
     elif args.command == "demo":
         from .engine.demo import demo
 
         demo(args.out, args.overrides, quiet=args.quiet)
     return 0
+
+
+# ---------------------------------------------------------------------------- deployment (issue #11)
+DEPLOY_COMMANDS = ("export", "serve")
+
+
+def _add_deploy_commands(sub: argparse._SubParsersAction) -> None:
+    """``export`` (ONNX / torch.export graph + JSON sidecar) and ``serve`` (web page + REST API)."""
+    p = sub.add_parser("export", help="export the inference graph (normalise, multi-scale fusion, logits) "
+                                      "to ONNX or a torch.export .pt2 program, with a JSON sidecar")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides")
+    p.add_argument("--checkpoint", required=True, help=".ckpt or .safetensors weights")
+    p.add_argument("--format", choices=("onnx", "pt2"), default="onnx")
+    p.add_argument("--out", required=True, help="output file, e.g. model.onnx (the sidecar is <out>.json)")
+    p.add_argument("--scales", type=_scales, help="inference scales inside the graph (default eval.scales or 1.0)")
+    p.add_argument("--flip", action="store_true", help="average with a horizontal flip inside the graph")
+    p.add_argument("--opset", type=int, help="ONNX opset version (default: the exporter's)")
+    p.add_argument("--raw-input", action="store_true", help="the graph takes uint8 RGB (0-255) instead of float 0-1")
+    p.add_argument("--quiet", action="store_true")
+
+    p = sub.add_parser("serve", help="serve a trained run folder: web page (upload an image) and REST API")
+    p.add_argument("run_dir", help="run folder with config.yaml + model.safetensors (or a save_pretrained folder)")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides (e.g. eval.scales=[0.5,1.0,2.0])")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default localhost only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-side", type=int, default=1024,
+                   help="longest image side inferred at once; larger images are downscaled (or tiled with --tile)")
+    p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest accepted upload in MiB")
+    p.add_argument("--tile", action="store_true", help="run larger images with sliding-window inference instead of downscaling")
+    p.add_argument("--quiet", action="store_true")
+
+
+def _run_deploy(args: argparse.Namespace) -> None:
+    if args.command == "export":
+        from .export import run_export
+
+        overrides, rest = _split_overrides(args.overrides)
+        if rest:
+            raise ScalesegError(f"export takes only key=value overrides, got: {' '.join(rest)}")
+        cfg = _load(args, overrides)
+        graph, meta = run_export(cfg, args.checkpoint, args.out, fmt=args.format, scales=args.scales,
+                                 flip=args.flip or None, opset=args.opset, raw_input=args.raw_input)
+        print(f"wrote {graph} and {meta}")
+    else:
+        from .serve import serve
+
+        overrides, rest = _split_overrides(args.overrides)
+        if rest:
+            raise ScalesegError(f"serve takes one run folder and key=value overrides, got: {' '.join(rest)}")
+        serve(args.run_dir, overrides, host=args.host, port=args.port, max_side=args.max_side,
+              max_upload_mb=args.max_upload_mb, tile=args.tile, quiet=args.quiet)
 
 
 def one_line(err: BaseException) -> str:

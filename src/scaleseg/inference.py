@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from scaleseg.errors import ConfigError
+from scaleseg.models.shapes import same_size
 
 __all__ = ["whole", "slide", "flip", "scale_pooling", "Inferencer", "LogitsFn"]
 
@@ -24,7 +25,7 @@ LogitsFn = Callable[[Tensor], Tensor]
 
 def _resize(logits: Tensor, size: tuple[int, int]) -> Tensor:
     """Bilinear (``align_corners=False``) resize of ``B×K×h×w`` logits to ``size``; no-op if equal."""
-    if tuple(logits.shape[-2:]) == tuple(size):
+    if same_size(logits.shape[-2:], size):
         return logits
     return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
 

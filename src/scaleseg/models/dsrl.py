@@ -52,7 +52,9 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from scaleseg.errors import ConfigError, DataError
+from scaleseg.hub import PretrainedMixin
 from scaleseg.losses.fa import DEFAULT_MAX_BLOCK_BYTES, FALoss
+from scaleseg.models.shapes import same_size
 from scaleseg.types import StepInfo
 
 __all__ = [
@@ -137,7 +139,7 @@ class FeatureTransform(nn.Sequential):
         super().__init__(nn.Conv2d(in_ch, out_ch, 1, bias=False), nn.BatchNorm2d(out_ch), nn.ReLU(inplace=True))
 
 
-class DSRLInferenceModel(nn.Module):
+class DSRLInferenceModel(PretrainedMixin, nn.Module):
     """Base segmentation model + SSSR head (or bilinear upsampling): the DSRL network at inference.
 
     ``base`` is a ``SegmentationModel``-like module (``backbone``, ``head`` with ``feature_index`` and
@@ -438,13 +440,13 @@ def _pad(x: Tensor, stride: int, min_size: tuple[int, int]) -> Tensor:
     """Zero-pad bottom/right to at least ``min_size`` and to a multiple of ``stride``."""
     h = math.ceil(max(x.shape[-2], min_size[0]) / stride) * stride
     w = math.ceil(max(x.shape[-1], min_size[1]) / stride) * stride
-    if (h, w) == tuple(x.shape[-2:]):
+    if same_size((h, w), x.shape[-2:]):
         return x
     return F.pad(x, (0, w - x.shape[-1], 0, h - x.shape[-2]))
 
 
 def _resize(x: Tensor, size: tuple[int, int] | torch.Size) -> Tensor:
     """Bilinear, ``align_corners=False``; no-op when the size already matches."""
-    if tuple(x.shape[-2:]) == tuple(size):
+    if same_size(x.shape[-2:], size):
         return x
     return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)

@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from torch.nn import init
 
 from scaleseg.errors import ConfigError
+from scaleseg.models.pooling import adaptive_avg_pool2d
 
 __all__ = [
     "CHANNELS",
@@ -295,7 +296,8 @@ class EfficientPyrPool(nn.Module):
     """Efficient pyramid pooling: ``B×in×H×W → B×out×H×W``.
 
     1×1 CBR projection → per scale in (2.0, 1.5, 1.0, 0.5, 0.1) a depthwise 3×3 conv at that scale
-    (sizes ⌈h·scale⌉, at least 5; bilinear/adaptive-pool back to h×w) → concat → BN+PReLU → channel
+    (sizes ⌈h·scale⌉, at least 5; bilinear/adaptive-pool back to h×w; the pooling is
+    :func:`scaleseg.models.pooling.adaptive_avg_pool2d`, exportable at any size) → concat → BN+PReLU → channel
     shuffle → grouped 3×3 CBR → 1×1 conv (+ BN+PReLU unless ``last_layer_br=False``).
     """
 
@@ -321,13 +323,13 @@ class EfficientPyrPool(nn.Module):
         height, width = x.shape[2:]
         branches = []
         for scale, stage in zip(self.scales, self.stages):
-            size = (max(math.ceil(height * scale), 5), max(math.ceil(width * scale), 5))
+            size = (torch.sym_max(math.ceil(height * scale), 5), torch.sym_max(math.ceil(width * scale), 5))
             if scale < 1.0:
-                h = F.adaptive_avg_pool2d(x, size)
+                h = adaptive_avg_pool2d(x, size)
                 h = F.interpolate(stage(h), (height, width), mode="bilinear", align_corners=True)
             elif scale > 1.0:
                 h = F.interpolate(x, size, mode="bilinear", align_corners=True)
-                h = F.adaptive_avg_pool2d(stage(h), (height, width))
+                h = adaptive_avg_pool2d(stage(h), (height, width))
             else:
                 h = stage(x)
             branches.append(h)

@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from scaleseg.errors import ConfigError
+from scaleseg.models.pooling import AdaptiveAvgPool2d
+from scaleseg.models.shapes import same_size
 
 __all__ = [
     "ASPP",
@@ -101,13 +103,14 @@ class PPM(nn.Module):
 
     For each bin size b: adaptive average pool to b×b → 1×1 conv (``out_ch``) + BN + ReLU →
     bilinear upsample (``align_corners=False``, mmseg); concat with the input → 3×3 ConvBNReLU.
+    The pooling is :class:`~scaleseg.models.pooling.AdaptiveAvgPool2d` (exportable at any input size).
     """
 
     def __init__(self, in_ch: int, out_ch: int, bins: Sequence[int] = (1, 2, 3, 6)) -> None:
         super().__init__()
         self.bins = tuple(bins)
         self.stages = nn.ModuleList(
-            nn.Sequential(nn.AdaptiveAvgPool2d(b), ConvBNReLU(in_ch, out_ch, 1)) for b in self.bins
+            nn.Sequential(AdaptiveAvgPool2d(b), ConvBNReLU(in_ch, out_ch, 1)) for b in self.bins
         )
         self.bottleneck = ConvBNReLU(in_ch + len(self.bins) * out_ch, out_ch, 3)
 
@@ -296,7 +299,7 @@ class AuxFCNHead(nn.Module):
 
 def _resize(x: Tensor, size: Sequence[int]) -> Tensor:
     """Bilinear resize with ``align_corners=False`` (no-op when the size already matches)."""
-    if tuple(x.shape[2:]) == tuple(size):
+    if same_size(x.shape[2:], size):
         return x
     return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
 

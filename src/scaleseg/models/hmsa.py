@@ -25,11 +25,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from scaleseg.errors import ConfigError
+from scaleseg.hub import PretrainedMixin
 from scaleseg.inference import scale_pooling
 from scaleseg.losses.rmi import RMICriterion
 from scaleseg.models.backbone import Backbone
 from scaleseg.models.heads import DeepLabV3PlusHead
 from scaleseg.models.segmentor import SegmentationModel, predict_labels
+from scaleseg.models.shapes import ceil_to_multiple, same_size
 from scaleseg.types import StepInfo
 
 __all__ = [
@@ -66,14 +68,14 @@ def check_scales(scales: Sequence[float], key: str) -> tuple[float, ...]:
 def _resize(x: Tensor, size: Sequence[int]) -> Tensor:
     """Bilinear, ``align_corners=False`` resize of ``B×C×h×w`` to ``size``; identity if equal."""
     size = (int(size[0]), int(size[1]))
-    if tuple(x.shape[-2:]) == size:
+    if same_size(x.shape[-2:], size):
         return x
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
 
 def _scaled_size(x: Tensor, scale: float) -> tuple[int, int]:
     h, w = x.shape[-2:]
-    return max(1, math.floor(h * scale)), max(1, math.floor(w * scale))
+    return torch.sym_max(1, math.floor(h * scale)), torch.sym_max(1, math.floor(w * scale))
 
 
 def _feature_map_to_input(t: Tensor, size: Sequence[int], stride: int) -> Tensor:
@@ -84,7 +86,7 @@ def _feature_map_to_input(t: Tensor, size: Sequence[int], stride: int) -> Tensor
     Without padding this is a plain bilinear resize, exactly the reference's ``Upsample(attn, x_size)``.
     """
     h, w = int(size[0]), int(size[1])
-    ph, pw = math.ceil(h / stride) * stride, math.ceil(w / stride) * stride
+    ph, pw = ceil_to_multiple(h, stride), ceil_to_multiple(w, stride)
     return _resize(t, (ph, pw))[..., :h, :w]
 
 
@@ -109,7 +111,7 @@ class AttentionHead(nn.Sequential):
         ]))
 
 
-class _ScaleWrapper(nn.Module):
+class _ScaleWrapper(PretrainedMixin, nn.Module):
     """Shared plumbing: contract attributes passed through from the base model, criteria, predict."""
 
     def __init__(

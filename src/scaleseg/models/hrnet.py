@@ -7,14 +7,14 @@ at stride 4, so any head and :class:`~scaleseg.models.segmentor.SegmentationMode
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from scaleseg.errors import ConfigError
 from scaleseg.models.backbone import Backbone
+from scaleseg.models.segmentor import pad_to_multiple
+from scaleseg.models.shapes import same_size
 
 __all__ = ["HRNetV2", "concat_branches"]
 
@@ -23,7 +23,7 @@ def concat_branches(branches: list[Tensor]) -> Tensor:
     """HRNetV2 representation: every branch resized (bilinear, ``align_corners=False``) to the
     first one's size and concatenated: ``[B×C_i×h_i×w_i] → B×ΣC_i×h_0×w_0``."""
     size = branches[0].shape[-2:]
-    ups = [b if b.shape[-2:] == size else F.interpolate(b, size=size, mode="bilinear", align_corners=False)
+    ups = [b if same_size(b.shape[-2:], size) else F.interpolate(b, size=size, mode="bilinear", align_corners=False)
            for b in branches]
     return torch.cat(ups, dim=1)
 
@@ -60,12 +60,8 @@ class HRNetV2(nn.Module):
     def forward(self, x: Tensor) -> list[Tensor]:
         """``B×3×H×W`` → one-element list ``[B×channels[0]×ceil(H/4)×ceil(W/4)]``."""
         h, w = x.shape[-2:]
-        m = self._BRANCH_STRIDE
-        pad_h, pad_w = -h % m, -w % m
-        if pad_h or pad_w:
-            x = F.pad(x, (0, pad_w, 0, pad_h))
-        feats = concat_branches(self.body(x))
-        return [feats[..., : math.ceil(h / 4), : math.ceil(w / 4)]]
+        feats = concat_branches(self.body(pad_to_multiple(x, self._BRANCH_STRIDE)))
+        return [feats[..., : (h + 3) // 4, : (w + 3) // 4]]
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, channels={self.channels}, strides={self.strides}"

@@ -10,14 +10,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from scaleseg.errors import DataError
+from scaleseg.hub import PretrainedMixin
 from scaleseg.losses.ce import CrossEntropyLoss
 from scaleseg.models.backbone import Backbone
+from scaleseg.models.shapes import ceil_to_multiple, same_size
 from scaleseg.types import StepInfo
 
 __all__ = ["SegmentationModel", "image_to_tensor", "predict_labels"]
 
 
-class SegmentationModel(nn.Module):
+class SegmentationModel(PretrainedMixin, nn.Module):
     """Plain segmentation network following the model contract of ``docs/architecture.md``.
 
     Args:
@@ -166,15 +168,15 @@ def image_to_tensor(image: Any) -> Tensor:
 
 def pad_to_multiple(x: Tensor, stride: int) -> Tensor:
     """Zero-pad ``B×C×H×W`` on the right/bottom so H and W are multiples of ``stride``."""
-    pad_h = -x.shape[-2] % stride
-    pad_w = -x.shape[-1] % stride
-    if pad_h == 0 and pad_w == 0:
+    pad_h = ceil_to_multiple(x.shape[-2], stride) - x.shape[-2]
+    pad_w = ceil_to_multiple(x.shape[-1], stride) - x.shape[-1]
+    if same_size((pad_h, pad_w), (0, 0)):
         return x
     return F.pad(x, (0, pad_w, 0, pad_h))
 
 
 def upsample_crop(logits: Tensor, size: torch.Size, height: int, width: int) -> Tensor:
     """Bilinear (``align_corners=False``) upsample to the padded ``size``, crop to ``height×width``."""
-    if logits.shape[-2:] != size:
+    if not same_size(logits.shape[-2:], size):
         logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
     return logits[..., :height, :width]
