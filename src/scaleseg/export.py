@@ -17,6 +17,7 @@ An exporter failure is reported as one line naming the operator (:func:`explain_
 """
 from __future__ import annotations
 
+import copy
 import json
 import re
 from collections.abc import Sequence
@@ -40,6 +41,7 @@ __all__ = [
     "export_program",
     "export_pt2",
     "graph_for_config",
+    "inference_model",
     "run_export",
     "sidecar",
 ]
@@ -82,9 +84,7 @@ class InferenceGraph(nn.Module):
         pooling: str = "auto",
     ) -> None:
         super().__init__()
-        export = getattr(model, "export_inference_model", None)
-        if callable(export):
-            model = export()
+        model = inference_model(model)
         self.model = model.eval()
         self.scales = tuple(float(s) for s in scales)
         if not self.scales or any(s <= 0 for s in self.scales):
@@ -174,6 +174,24 @@ class InferenceGraph(nn.Module):
         return (x * 255).round().to(torch.uint8) if self.raw_input else x
 
 
+def inference_model(model: nn.Module) -> nn.Module:
+    """``model`` with every DSRL wrapper in it (at the top or inside HMSA) replaced by its
+    ``export_inference_model()`` (base + SSSR: no SISR, no FA transform, no aux head); a copy when
+    anything is replaced, else ``model`` itself."""
+    export = getattr(model, "export_inference_model", None)
+    if callable(export):
+        return export()
+    children = dict(model.named_children())
+    replaced = {name: inference_model(child) for name, child in children.items()}
+    if all(replaced[name] is child for name, child in children.items()):
+        return model
+    copy_ = copy.copy(model)  # shallow: the untouched children are shared, not duplicated
+    copy_._modules = dict(model._modules)
+    for name, child in replaced.items():
+        copy_._modules[name] = child
+    return copy_
+
+
 def _is_hierarchical(model: nn.Module) -> bool:
     from .models.hmsa import HierarchicalAttention
 
@@ -198,7 +216,8 @@ def graph_for_config(model: nn.Module, cfg: Config, *, scales: Sequence[float] |
     if e.scale_mode == "hierarchical" and not _is_hierarchical(model):
         raise ExportError("config key 'eval.scale_mode' = 'hierarchical' needs model.hmsa.mode=hierarchical")
     pooling = {"auto": "auto", "hierarchical": "auto", "avg": "avg", "max": "max"}[e.scale_mode]
-    return build_inference_graph(model, scales or e.scales or (1.0,), flip=e.flip if flip is None else flip,
+    default = tuple(model.infer_scales) if _is_hierarchical(model) and pooling == "auto" else (1.0,)
+    return build_inference_graph(model, scales or e.scales or default, flip=e.flip if flip is None else flip,
                                  raw_input=raw_input, pooling=pooling)
 
 

@@ -114,7 +114,8 @@ class Segmenter:
         tiled.eval.stride = [max(1, 2 * side // 3)] * 2
         self.tiled_fn = make_predictor(self.model, tiled)
         self.hierarchical = isinstance(model, HierarchicalAttention) and cfg.eval.scale_mode in ("auto", "hierarchical")
-        self.scales = tuple(cfg.eval.scales or [1.0])
+        # as make_predictor: a hierarchical model without eval.scales chains its own infer_scales
+        self.scales = tuple(cfg.eval.scales or (model.infer_scales if self.hierarchical else [1.0]))
         self._lock = threading.Lock()
 
     @property
