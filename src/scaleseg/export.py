@@ -289,20 +289,28 @@ def export_onnx(graph: InferenceGraph, out: str | Path, *, opset: int | None = N
 
 
 _OP_PATTERNS = (
-    re.compile(r"(aten::[\w.]+)"),
-    re.compile(r"(aten\.[\w.]+)"),
-    re.compile(r"operator[ :'\"]+([\w.:]+)"),
+    re.compile(r"OpOverload\(op='([\w.]+)'"),
+    re.compile(r"torch\.ops\.([\w.]+?)\.(?:default|Tensor|int|vec)\b"),
+    re.compile(r"\b(aten::[\w.]+)"),
+    re.compile(r"\b((?:aten|prims)\.[\w]+)"),
 )
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_CLASS_PREFIX = re.compile(r"^<class '[\w.]+'>: ")
 
 
 def explain_export_error(err: BaseException, backend: str) -> str:
-    """One line: the backend, the operator the exporter names (if any) and the first error line."""
-    text = "\n".join(str(e) for e in _chain_of(err))
+    """One line: the backend, the operator the exporter names (if any) and the exporter's reason."""
+    texts = [_ANSI.sub("", str(e)) for e in _chain_of(err)]
+    text = "\n".join(texts)
     op = next((m.group(1) for p in _OP_PATTERNS for m in [p.search(text)] if m), None)
-    first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
-    first = first[:240]
+    lines = [line.strip() for line in texts[0].splitlines() if line.strip()]
+    reason = lines[0] if lines else type(err).__name__
+    if "## Exception summary" in lines:  # the ONNX exporter puts the cause after this heading
+        after = lines[lines.index("## Exception summary") + 1:]
+        if after:
+            reason = _CLASS_PREFIX.sub("", after[0])
     where = f" at operator {op}" if op else ""
-    return f"{backend} export failed{where}: {first}"
+    return f"{backend} export failed{where}: {reason[:240]}"
 
 
 def _chain_of(err: BaseException) -> list[BaseException]:
