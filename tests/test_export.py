@@ -90,7 +90,11 @@ def test_torch_export_and_onnxruntime_parity(name: str, tmp_path: Path, parity_t
     graph = build_inference_graph(_model(name), MODELS[name][1])
     program = export_program(graph, strict=True)
     path = export_onnx(graph, tmp_path / f"{name}.onnx", program=program)
-    program = torch.export.load(export_pt2(graph, tmp_path / f"{name}.pt2", program=program))  # the saved file
+    if name == "espnetv2":  # EESP pools at ceil(0.1·h): a float ceil on a size, which torch.export cannot save
+        with pytest.raises(ExportError, match=r"^pt2 export failed at operator math.ceil"):
+            export_pt2(graph, tmp_path / f"{name}.pt2", program=program)
+    else:
+        program = torch.export.load(export_pt2(graph, tmp_path / f"{name}.pt2", program=program))  # the saved file
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == ["image"]
     assert session.get_inputs()[0].shape[0] != 1 and not isinstance(session.get_inputs()[0].shape[2], int)

@@ -255,10 +255,12 @@ def export_pt2(graph: InferenceGraph, out: str | Path, *, program: torch.export.
     program = program if program is not None else export_program(graph)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
+    tmp = out.with_name(f".{out.stem}.tmp{out.suffix}")
     try:
         torch.export.save(program, tmp)
         tmp.replace(out)
+    except Exception as err:  # noqa: BLE001 - e.g. a float math.ceil on a size cannot be serialised
+        raise ExportError(explain_export_error(err, "pt2")) from None
     finally:
         tmp.unlink(missing_ok=True)
     return out
@@ -271,7 +273,7 @@ def export_onnx(graph: InferenceGraph, out: str | Path, *, opset: int | None = N
     program = program if program is not None else export_program(graph)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
+    tmp = out.with_name(f".{out.stem}.tmp{out.suffix}")
     kwargs: dict[str, Any] = {"opset_version": opset} if opset is not None else {}
     try:
         with torch.no_grad(), _size_oblivious():
@@ -290,6 +292,7 @@ def export_onnx(graph: InferenceGraph, out: str | Path, *, opset: int | None = N
 
 _OP_PATTERNS = (
     re.compile(r"OpOverload\(op='([\w.]+)'"),
+    re.compile(r"target=(math\.\w+)"),
     re.compile(r"torch\.ops\.([\w.]+?)\.(?:default|Tensor|int|vec)\b"),
     re.compile(r"\b(aten::[\w.]+)"),
     re.compile(r"\b((?:aten|prims)\.[\w]+)"),

@@ -17,6 +17,7 @@ import timm
 from torch import Tensor, nn
 
 from scaleseg.errors import CheckpointError, ConfigError
+from scaleseg.models.same_padding import make_exportable
 
 __all__ = ["Backbone"]
 
@@ -82,7 +83,8 @@ class Backbone(nn.Module):
             pretrained = True
             kwargs["pretrained_cfg_overlay"] = {"file": str(pretrained_file)}
 
-        self.model = _create(name, pretrained, pretrained_file, output_stride, kwargs)
+        # timm's SAME padding computes math.ceil on sizes, which torch.export cannot save
+        self.model = make_exportable(_create(name, pretrained, pretrained_file, output_stride, kwargs))
         info = self.model.feature_info
         channels, strides = list(info.channels()), list(info.reduction())
         # Without explicit out_indices keep only levels at stride >= 4; the dropped stride-1/2

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from fractions import Fraction
 from collections.abc import Sequence
 from typing import Any
 
@@ -67,7 +68,13 @@ _resize = resize
 
 
 def _scaled_size(x: Tensor, scale: float) -> tuple[int, int]:
+    """``max(1, floor(H·s)) × max(1, floor(W·s))``. For dyadic scales (0.5, 0.25, 1.5, 2, …: exact in
+    float) in integer arithmetic, so a traced graph holds no float ``floor`` (torch.export cannot save one)."""
     h, w = x.shape[-2:]
+    ratio = Fraction(scale)
+    if ratio.denominator <= 1024 and ratio.denominator & (ratio.denominator - 1) == 0:
+        p, q = ratio.numerator, ratio.denominator
+        return torch.sym_max(1, h * p // q), torch.sym_max(1, w * p // q)
     return torch.sym_max(1, math.floor(h * scale)), torch.sym_max(1, math.floor(w * scale))
 
 
