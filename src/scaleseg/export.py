@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from .config import Config, to_dict
 from .errors import ScalesegError
+from .models.shapes import round_scaled
 
 __all__ = [
     "ExportError",
@@ -157,7 +158,7 @@ class InferenceGraph(nn.Module):
             if s == 1.0:
                 out = self._single(x)
             else:
-                size = (torch.sym_max(1, round(h * s)), torch.sym_max(1, round(w * s)))
+                size = (torch.sym_max(1, round_scaled(h, s)), torch.sym_max(1, round_scaled(w, s)))
                 out = self._single(F.interpolate(x, size=size, mode="bilinear", align_corners=False))
                 out = F.interpolate(out, size=out_size, mode="bilinear", align_corners=False)
             if pooled is None:
@@ -293,6 +294,7 @@ def export_onnx(graph: InferenceGraph, out: str | Path, *, opset: int | None = N
 _OP_PATTERNS = (
     re.compile(r"OpOverload\(op='([\w.]+)'"),
     re.compile(r"target=(math\.\w+)"),
+    re.compile(r"<built-in function (\w+)>"),
     re.compile(r"torch\.ops\.([\w.]+?)\.(?:default|Tensor|int|vec)\b"),
     re.compile(r"\b(aten::[\w.]+)"),
     re.compile(r"\b((?:aten|prims)\.[\w]+)"),

@@ -10,11 +10,12 @@ identity, a zero pad is a copy), so the traced graph is valid for every input si
 from __future__ import annotations
 
 from collections.abc import Sequence
+from fractions import Fraction
 from typing import Any
 
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-__all__ = ["same_size", "ceil_to_multiple"]
+__all__ = ["ceil_to_multiple", "round_scaled", "same_size"]
 
 
 def same_size(a: Sequence[Any], b: Sequence[Any]) -> bool:
@@ -26,3 +27,22 @@ def same_size(a: Sequence[Any], b: Sequence[Any]) -> bool:
 def ceil_to_multiple(size: Any, stride: int) -> Any:
     """Smallest multiple of ``stride`` ≥ ``size`` (int or symbolic int), without float arithmetic."""
     return (size + stride - 1) // stride * stride
+
+
+def round_scaled(size: Any, scale: float) -> Any:
+    """``round(size · scale)`` (Python's round half to even, as ``scale_pooling`` computes it).
+
+    For dyadic scales (``p/2^k``: 0.5, 0.75, 1.25, 2, …; their float products are exact) this is
+    integer arithmetic, so a traced graph holds no float ``round`` (the ONNX exporter has none);
+    other scales fall back to the float expression.
+    """
+    ratio = Fraction(scale)
+    p, q = ratio.numerator, ratio.denominator
+    if q > 1024 or q & (q - 1):
+        return round(size * scale)
+    if q == 1:
+        return size * p
+    t = size * p + q // 2  # half up: (t // q); a tie (t % q == 0) goes down when that is odd
+    up = t // q
+    tie = 1 - (t % q + q - 1) // q  # 1 iff t % q == 0, in integer arithmetic (no Python branch)
+    return up - (up % 2) * tie
