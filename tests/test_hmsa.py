@@ -222,6 +222,35 @@ def test_training_losses_terms() -> None:
     assert set(plain.training_losses({"image": x, "mask": mask}, StepInfo())) == {"main"}
 
 
+def test_ocr_aux_rmi_puts_rmi_on_aux_only_as_nvidia() -> None:
+    """NVIDIA MscaleOCR with --ocr_aux_loss_rmi: loss = 0.4·RMI(aux) + RMI(main) + w·(BCE(p_lo) + BCE(p_hi)).
+    Before, an RMI aux criterion also put RMI on the per-scale terms."""
+    torch.manual_seed(1)
+    x = torch.randn(2, 3, 32, 32)
+    mask = torch.randint(0, K, (2, 32, 32))
+    mask[:, :4] = 255
+    rmi, bce = RMICriterion(K), RMICriterion(K, do_rmi=False)
+    model = HierarchicalAttention(ConvBase(), C, criterion=RMICriterion(K, aux_rmi=True), per_scale_weight=0.05).eval()
+    losses = model.training_losses({"image": x, "mask": mask}, StepInfo())
+    out = model.two_scale_forward(x, return_scales=True)
+    want = {
+        "main": rmi(out["logits"], mask),
+        "aux": 0.4 * rmi(out["aux"], mask),
+        "pred_0.5x": 0.05 * bce(up(out["pred_0.5x"], (32, 32)), mask),
+        "pred_1.0x": 0.05 * bce(out["pred_1.0x"], mask),
+    }
+    assert set(losses) == set(want)
+    for key, value in want.items():
+        torch.testing.assert_close(losses[key], value)
+    # an explicit aux criterion is used for the aux term only; per-scale terms stay BCE
+    explicit = HierarchicalAttention(ConvBase(), C, criterion=RMICriterion(K), aux_criterion=RMICriterion(K)).eval()
+    explicit.load_state_dict(model.state_dict())
+    got = explicit.training_losses({"image": x, "mask": mask}, StepInfo())
+    torch.testing.assert_close(sum(got.values()), sum(want.values()))
+    old_per_scale = 0.05 * (rmi(up(out["pred_0.5x"], (32, 32)), mask) + rmi(out["pred_1.0x"], mask))
+    assert abs((old_per_scale - want["pred_0.5x"] - want["pred_1.0x"]).item()) > 1e-3  # the old behaviour differs
+
+
 def test_explicit_attention_softmax_weights_and_fusion() -> None:
     torch.manual_seed(2)
     model = ExplicitAttention(ConvBase(), C, scales=(0.5, 1.0, 2.0)).eval()

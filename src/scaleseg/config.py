@@ -125,6 +125,10 @@ class LossConfig:
     class_weights: list[float] | None = None
     ohem_thresh: float = 0.7
     ohem_min_kept: int = 100_000
+    # RMI, with NVIDIA's meanings: lambda_way 1 → λ·BCE + (1 − λ)·RMI, 0 → BCE + λ·RMI
+    rmi_lambda: float = 0.5  # NVIDIA RMILoss loss_weight_lambda
+    rmi_lambda_way: Literal[0, 1] = 1  # NVIDIA RMILoss lambda_way
+    ocr_aux_rmi: bool = False  # NVIDIA --ocr_aux_loss_rmi: aux logits get BCE + RMI (per-scale terms stay BCE)
 
 
 @dataclass

@@ -28,7 +28,8 @@ def build_criterion(loss: LossConfig, num_classes: int) -> nn.Module:
     if loss.name == "rmi":
         from ..losses.rmi import RMICriterion
 
-        return RMICriterion(num_classes)
+        return RMICriterion(num_classes, loss_weight_lambda=loss.rmi_lambda, lambda_way=loss.rmi_lambda_way,
+                            aux_rmi=loss.ocr_aux_rmi)
     raise ConfigError(f"config key 'loss.name' = {loss.name!r}: expected 'ce', 'ohem' or 'rmi'")
 
 

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from scaleseg.errors import ConfigError
 from scaleseg.inference import scale_pooling
-from scaleseg.losses.rmi import RMICriterion
+from scaleseg.losses.rmi import side_criteria
 from scaleseg.models.backbone import Backbone
 from scaleseg.models.heads import DeepLabV3PlusHead
 from scaleseg.models.segmentor import SegmentationModel, predict_labels
@@ -153,11 +153,16 @@ class _ScaleWrapper(nn.Module):
         return crit
 
     def side_criterion(self) -> nn.Module:
-        """Criterion for aux and per-scale terms: ``aux_criterion=``, else BCE only for RMI, else main."""
+        """Criterion for the aux term: ``aux_criterion=``, else :func:`~scaleseg.losses.rmi.side_criteria`
+        of the main one (RMI: BCE only unless ``aux_rmi``, NVIDIA ``--ocr_aux_loss_rmi``)."""
         if self.aux_criterion is not None:
             return self.aux_criterion
-        crit = self.main_criterion()
-        return crit.bce_only() if isinstance(crit, RMICriterion) else crit
+        return side_criteria(self.main_criterion())[0]
+
+    def scale_criterion(self) -> nn.Module:
+        """Criterion for the per-scale terms: BCE only under RMI (NVIDIA hard-codes ``do_rmi=False``
+        there, whatever the aux criterion), else the main criterion."""
+        return side_criteria(self.main_criterion())[1]
 
     def _base_run(self, x: Tensor, scale: float) -> tuple[Tensor, dict[str, Tensor]]:
         """Resize ``x`` by ``scale`` (floor size) and run the base → (resized input, base outputs)."""
@@ -172,6 +177,7 @@ class _ScaleWrapper(nn.Module):
         per_scale = {scale_key("pred", s): _resize(out[scale_key("pred", s)], size) for s in scales}
         return _weighted_side_losses(
             losses, self.side_criterion(), target, out.get("aux"), self.aux_weight, per_scale, self.per_scale_weight,
+            scale_crit=self.scale_criterion(),
         )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -192,13 +198,16 @@ def _weighted_side_losses(
     aux_weight: float,
     per_scale: dict[str, Tensor],
     per_scale_weight: float,
+    scale_crit: nn.Module | None = None,
 ) -> dict[str, Tensor]:
-    """Add ``aux_weight·crit(aux)`` and ``per_scale_weight·crit(p_s)`` terms (skipped at weight 0)."""
+    """Add ``aux_weight·crit(aux)`` and ``per_scale_weight·scale_crit(p_s)`` terms (skipped at weight 0;
+    ``scale_crit`` defaults to ``crit``)."""
+    scale_crit = crit if scale_crit is None else scale_crit
     if aux is not None and aux_weight > 0:
         losses["aux"] = aux_weight * crit(aux, target)
     if per_scale_weight > 0:
         for key, logits in per_scale.items():
-            losses[key] = per_scale_weight * crit(logits, target)
+            losses[key] = per_scale_weight * scale_crit(logits, target)
     return losses
 
 
@@ -225,7 +234,8 @@ class HierarchicalAttention(_ScaleWrapper):
     logits), ``aux`` (``aux_weight ×`` side criterion on the fused aux, if the base has aux), and
     ``pred_<s>x`` (``per_scale_weight ×`` side criterion on each unfused scale, the low scale
     upsampled to 1.0 first; omitted at weight 0). The criterion is ``criterion=`` or the base's; with an
-    :class:`RMICriterion` the side terms use its BCE part only, as in the reference recipe.
+    :class:`~scaleseg.losses.rmi.RMICriterion` the per-scale terms use its BCE part only and the aux
+    term too unless ``aux_rmi`` (NVIDIA ``--ocr_aux_loss_rmi``), as in the reference recipe.
     """
 
     def __init__(

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from scaleseg.errors import DataError
 from scaleseg.losses.ce import CrossEntropyLoss
+from scaleseg.losses.rmi import side_criteria
 from scaleseg.models.backbone import Backbone
 from scaleseg.types import StepInfo
 
@@ -49,8 +50,8 @@ class SegmentationModel(nn.Module):
         self.aux_head = aux_head
         self.criterion = criterion if criterion is not None else CrossEntropyLoss()
         # the reference supervises aux logits with the BCE part only when the main loss is RMI
-        bce_only = getattr(self.criterion, "bce_only", None)
-        self.aux_criterion = bce_only() if bce_only is not None else self.criterion
+        # (BCE + RMI with loss.ocr_aux_rmi, NVIDIA's --ocr_aux_loss_rmi)
+        self.aux_criterion = side_criteria(self.criterion)[0]
         self.num_classes = num_classes
         self.aux_weight = aux_weight
         self.aux_index = aux_index
