@@ -274,6 +274,31 @@ def test_explicit_attention_softmax_weights_and_fusion() -> None:
     assert model.scale_attn.conv0.weight.grad.abs().sum() > 0
 
 
+def test_explicit_attention_head_layouts() -> None:
+    """Published head (Chen et al. / NVIDIA ASDV3P default): 3×3 → 512, ReLU, 1×1 → S, no norm, no bias,
+    and the 1×1 conv without NVIDIA's padding=1 (which grew an h×w map to (h+2)×(w+2))."""
+    published = ExplicitAttention(ConvBase(), C, scales=(0.5, 1.0, 2.0)).eval()
+    assert [n for n, _ in published.scale_attn.named_children()] == ["conv0", "re0", "conv1"]
+    conv0, conv1 = published.scale_attn.conv0, published.scale_attn.conv1
+    assert (conv0.in_channels, conv0.out_channels, conv0.kernel_size, conv0.padding) == (3 * C, 512, (3, 3), (1, 1))
+    assert (conv1.out_channels, conv1.kernel_size, conv1.padding) == (3, (1, 1), (0, 0))
+    assert sum(p.numel() for p in published.scale_attn.parameters()) == 3 * C * 512 * 9 + 512 * 3  # 84480
+    feats = torch.randn(2, 3 * C, 5, 7)
+    with torch.no_grad():
+        want = F.conv2d(F.relu(F.conv2d(feats, conv0.weight, padding=1)), conv1.weight)
+        torch.testing.assert_close(published.scale_attn(feats), want)
+        assert want.shape == (2, 3, 5, 7)
+        grown = F.conv2d(F.relu(F.conv2d(feats, conv0.weight, padding=1)), conv1.weight, padding=1)
+        assert grown.shape == (2, 3, 7, 9)  # the reference's bug, for the record
+    old = ExplicitAttention(ConvBase(), C, scales=(0.5, 1.0, 2.0), head_layout="bn")
+    assert [n for n, _ in old.scale_attn.named_children()] == ["conv0", "bn0", "re0", "conv1"]
+    assert old.scale_attn.conv0.out_channels == 256
+    assert sum(p.numel() for p in old.scale_attn.parameters()) == 3 * C * 256 * 9 + 2 * 256 + 256 * 3  # 42752
+    assert ExplicitAttention(ConvBase(), C, head_layout="published", attn_bottleneck=64).scale_attn.conv0.out_channels == 64
+    with pytest.raises(ConfigError, match="head_layout='bnx'"):
+        ExplicitAttention(ConvBase(), C, head_layout="bnx")
+
+
 @pytest.mark.parametrize("mode", ["avg", "max"])
 def test_scale_pooling_matches_hand_computation(mode: str) -> None:
     torch.manual_seed(3)

@@ -27,7 +27,11 @@ class HMSAConfig:
     train_scales: list[float] = field(default_factory=lambda: [0.5, 1.0])
     explicit_scales: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
     per_scale_weight: float = 0.05
-    attn_channels: int = 256
+    attn_channels: int = 256  # hierarchical attention head width
+    # explicit baseline's head: "published" = 3×3 → 512, ReLU, 1×1 (Chen et al. / NVIDIA);
+    # "bn" = 3×3 → 256, BN, ReLU, 1×1 (scaleseg's earlier layout)
+    explicit_head: Literal["published", "bn"] = "published"
+    explicit_channels: int | None = None  # None: 512 (published) / 256 (bn)
 
 
 @dataclass

@@ -129,7 +129,8 @@ def wrap_multiscale(base: nn.Module, cfg: Config) -> nn.Module:
                                      per_scale_weight=h.per_scale_weight, aux_weight=m.aux_weight,
                                      attn_bottleneck=h.attn_channels)
     return ExplicitAttention(base, attn_in, h.explicit_scales, per_scale_weight=h.per_scale_weight,
-                             aux_weight=m.aux_weight, attn_bottleneck=h.attn_channels)
+                             aux_weight=m.aux_weight, head_layout=h.explicit_head,
+                             attn_bottleneck=h.explicit_channels)
 
 
 def wrap_dsrl(base: nn.Module, cfg: Config) -> nn.Module:
