@@ -41,9 +41,15 @@ class MCIBIConfig:
     enabled: bool = False
     channels: int = 512
     momentum: float = 0.9
-    momentum_min_ratio: float = 0.0  # 0.01 reproduces the reference's lr-coupled floor
+    momentum_min_ratio: float = 0.01  # the reference's lr-coupled floor (min_lr = 0.01·lr0)
     init: Literal["mean", "random_pixel"] = "mean"
+    # memory update: full_resolution = the reference's path (features upsampled to label size);
+    # false = fast feature-resolution update with labels brought to the feature grid by label_downsample
     full_resolution: bool = False
+    label_downsample: Literal["soft", "majority", "center"] = "soft"
+    # DeepLabV3 host ASPP projection: 1 (1×1 + dropout 0.1, light) or 3 with aspp_dropout 0 (the reference)
+    aspp_project_kernel: Literal[1, 3] = 1
+    aspp_dropout: float = 0.1
     memory_loss_weight: float = 0.4  # α: CE on the class-probability map W = softmax(H1(R))
     consistency_weight: float = 1.0  # β: representation-consistent learning, CE(H2(M), arange(K))
     consistency_start_epoch: int = 1  # 0-based; the reference skips the first epoch
@@ -65,6 +71,14 @@ class DSRLConfig:
 
 
 @dataclass
+class ESPNetv2Config:
+    """ESPNetv2 head options (``model.arch=espnetv2``)."""
+
+    align_corners: bool = False  # final logits upsampling; EdgeNets' official head: true
+    proj_planes: int | None = None  # pyramid-pool projection width; None: min(K // 2, 16) as EdgeNets
+
+
+@dataclass
 class ModelConfig:
     arch: Literal["deeplabv3plus", "deeplabv3", "fcn", "pspnet", "hrnet_ocr", "espnetv2"] = "deeplabv3plus"
     backbone: str = "resnet50"
@@ -75,9 +89,12 @@ class ModelConfig:
     aux_weight: float = 0.4
     head_channels: int = 256
     width: float = 2.0
+    # HRNet exchange-unit upsampling: timm's "nearest", or "bilinear" as HRNet-Seg / NVIDIA's trunk
+    hrnet_fuse_upsample: Literal["nearest", "bilinear"] = "nearest"
     hmsa: HMSAConfig = field(default_factory=HMSAConfig)
     mcibi: MCIBIConfig = field(default_factory=MCIBIConfig)
     dsrl: DSRLConfig = field(default_factory=DSRLConfig)
+    espnetv2: ESPNetv2Config = field(default_factory=ESPNetv2Config)
 
 
 @dataclass

@@ -65,7 +65,8 @@ def build_mcibi_model(cfg: Config, num_classes: int, criterion: nn.Module) -> nn
     if m.arch == "hrnet_ocr":
         from .hrnet import HRNetV2
 
-        backbone: nn.Module = HRNetV2(m.backbone, pretrained=m.pretrained, pretrained_file=m.pretrained_file)
+        backbone: nn.Module = HRNetV2(m.backbone, pretrained=m.pretrained, pretrained_file=m.pretrained_file,
+                                      fuse_upsample=m.hrnet_fuse_upsample)
     else:
         backbone = build_backbone(cfg)
     return MCIBIModel(
@@ -73,7 +74,8 @@ def build_mcibi_model(cfg: Config, num_classes: int, criterion: nn.Module) -> nn
         aux_head=m.aux_head, aux_weight=m.aux_weight, memory_loss_weight=mc.memory_loss_weight,
         consistency_weight=mc.consistency_weight, consistency_start_epoch=mc.consistency_start_epoch,
         stride8_weight=mc.stride8_weight, momentum=mc.momentum, momentum_min_ratio=mc.momentum_min_ratio,
-        memory_init=mc.init, full_resolution=mc.full_resolution,
+        memory_init=mc.init, full_resolution=mc.full_resolution, label_downsample=mc.label_downsample,
+        aspp_project_kernel=mc.aspp_project_kernel, aspp_dropout=mc.aspp_dropout,
     )
 
 
@@ -86,13 +88,15 @@ def build_segmentation_model(cfg: Config, num_classes: int) -> nn.Module:
     if m.arch == "espnetv2":
         from .espnetv2 import espnetv2_seg
 
-        return espnetv2_seg(num_classes, s=m.width, criterion=criterion)
+        return espnetv2_seg(num_classes, s=m.width, criterion=criterion, proj_planes=m.espnetv2.proj_planes,
+                            align_corners=m.espnetv2.align_corners)
     if m.arch == "hrnet_ocr":
         from .ocr import hrnet_ocr
 
         mid = m.head_channels * 2  # OCR mid channels 512 with the default head_channels 256
         return hrnet_ocr(num_classes, m.backbone, pretrained=m.pretrained, pretrained_file=m.pretrained_file,
-                         criterion=criterion, aux_weight=m.aux_weight, mid_channels=mid, key_channels=mid // 2)
+                         criterion=criterion, aux_weight=m.aux_weight, mid_channels=mid, key_channels=mid // 2,
+                         fuse_upsample=m.hrnet_fuse_upsample)
     backbone = build_backbone(cfg)
     aux = AuxFCNHead(backbone.channels[-2], num_classes, m.head_channels) if m.aux_head else None
     head = _head(m.arch, backbone.channels, num_classes, cfg)

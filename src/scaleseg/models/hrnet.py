@@ -37,21 +37,34 @@ class HRNetV2(nn.Module):
     This trunk zero-pads the input (bottom/right) to a multiple of 32 and crops the stride-4 output
     back to ``ceil(H/4)×ceil(W/4)``; the public ``strides`` is therefore ``[4]`` and models pad
     their input to a multiple of 4 only.
+
+    ``fuse_upsample``: how the exchange units upsample lower-resolution branches. timm (from the
+    HRNet classification code) uses ``"nearest"``; HRNet-Semantic-Segmentation and NVIDIA's
+    ``network/hrnetv2.py`` use ``"bilinear"`` (``align_corners=False``), which a model loaded from
+    NVIDIA's checkpoints needs to reproduce their output. Both have the same weights.
     """
 
     _BRANCH_STRIDE = 32
 
     def __init__(
-        self, name: str = "hrnet_w48", *, pretrained: bool = False, pretrained_file: str | None = None
+        self, name: str = "hrnet_w48", *, pretrained: bool = False, pretrained_file: str | None = None,
+        fuse_upsample: str = "nearest",
     ) -> None:
         super().__init__()
         if not name.split(".")[0].startswith("hrnet_"):
             raise ConfigError(f"HRNetV2 backbone '{name}': expected a timm 'hrnet_*' model (e.g. hrnet_w48)")
+        if fuse_upsample not in ("nearest", "bilinear"):
+            raise ConfigError(f"HRNetV2 fuse_upsample={fuse_upsample!r}: expected 'nearest' or 'bilinear'")
         self.body = Backbone(name, out_indices=(1, 2, 3, 4), pretrained=pretrained, pretrained_file=pretrained_file)
         if self.body.strides != [4, 8, 16, 32]:
             raise ConfigError(
                 f"HRNetV2 backbone '{name}' has branch strides {self.body.strides}; expected [4, 8, 16, 32]"
             )
+        self.fuse_upsample = fuse_upsample
+        if fuse_upsample == "bilinear":
+            for module in self.body.modules():
+                if isinstance(module, nn.Upsample):  # only the exchange units' ×2^k upsampling
+                    module.mode, module.align_corners = "bilinear", False
         self.name = name
         self.channels: list[int] = [sum(self.body.channels)]
         self.strides: list[int] = [4]
@@ -68,4 +81,4 @@ class HRNetV2(nn.Module):
         return [feats[..., : math.ceil(h / 4), : math.ceil(w / 4)]]
 
     def extra_repr(self) -> str:
-        return f"name={self.name!r}, channels={self.channels}, strides={self.strides}"
+        return f"name={self.name!r}, channels={self.channels}, strides={self.strides}, fuse_upsample={self.fuse_upsample!r}"

@@ -90,12 +90,14 @@ class SegmentationModel(nn.Module):
 
     def run_head(self, x: Tensor) -> tuple[list[Tensor], dict[str, Tensor], Callable[[Tensor], Tensor]]:
         """Pad ``x`` to the stride, run backbone and head → (features, head outputs, ``to_input``),
-        where ``to_input`` upsamples a head-resolution map to the padded size and crops to ``x``'s."""
+        where ``to_input`` upsamples a head-resolution map to the padded size and crops to ``x``'s
+        (``align_corners`` = the head's ``upsample_align_corners``, default False)."""
         height, width = x.shape[-2:]
         padded = pad_to_multiple(x, self.stride)
         features = self.backbone(padded)
         size = padded.shape[-2:]
-        return features, self.head(features), lambda t: upsample_crop(t, size, height, width)
+        corners = bool(getattr(self.head, "upsample_align_corners", False))
+        return features, self.head(features), lambda t: upsample_crop(t, size, height, width, align_corners=corners)
 
     def _run(self, x: Tensor, *, with_aux: bool) -> dict[str, Tensor]:
         features, out, to_input = self.run_head(x)
@@ -174,8 +176,8 @@ def pad_to_multiple(x: Tensor, stride: int) -> Tensor:
     return F.pad(x, (0, pad_w, 0, pad_h))
 
 
-def upsample_crop(logits: Tensor, size: torch.Size, height: int, width: int) -> Tensor:
-    """Bilinear (``align_corners=False``) upsample to the padded ``size``, crop to ``height×width``."""
+def upsample_crop(logits: Tensor, size: torch.Size, height: int, width: int, *, align_corners: bool = False) -> Tensor:
+    """Bilinear upsample to the padded ``size`` (``align_corners=False`` unless asked), crop to ``height×width``."""
     if logits.shape[-2:] != size:
-        logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+        logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=align_corners)
     return logits[..., :height, :width]
