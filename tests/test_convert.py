@@ -140,6 +140,27 @@ def test_convert_cli_then_eval_and_predict_accept_the_run(tmp_path, capsys):
                                                - torch.tensor((0.485, 0.456, 0.406)).view(1, 3, 1, 1))
                                               / torch.tensor((0.229, 0.224, 0.225)).view(1, 3, 1, 1)).argmax(1)[0]
     assert label.shape == (64, 96) and (torch.from_numpy(label.astype(np.int64)) == want).all()
+    # eval on a one-image Cityscapes layout whose ground truth is the converted model's own labels,
+    # half of them replaced by "road": mIoU is then computable by hand from the confusion matrix
+    from scaleseg.data.cityscapes import TRAIN_ID_TO_LABEL_ID
+
+    city = tmp_path / "cs"
+    (city / "leftImg8bit/val/x").mkdir(parents=True)
+    (city / "gtFine/val/x").mkdir(parents=True)
+    Image.open(tmp_path / "street.png").save(city / "leftImg8bit/val/x/x_000000_000000_leftImg8bit.png")
+    gt = want.clone()
+    gt[:, :48] = 0
+    Image.fromarray(TRAIN_ID_TO_LABEL_ID[gt.numpy()]).save(city / "gtFine/val/x/x_000000_000000_gtFine_labelIds.png")
+    with pytest.raises(SystemExit) as code:
+        cli_main(["eval", str(run / "config.yaml"), "--checkpoint", str(run / "model.safetensors"), f"data.root={city}",
+                  "eval.base_size=null", "eval.num_workers=0", "train.accelerator=cpu", "--out", str(tmp_path / "ev"), "--quiet"])
+    assert code.value.code == 0
+    metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    conf = torch.zeros(19, 19, dtype=torch.long).index_put_((gt.flatten(), want.flatten()), torch.tensor(1), accumulate=True)
+    tp, rows, cols = conf.diag().double(), conf.sum(1).double(), conf.sum(0).double()
+    present = (rows + cols) > 0
+    assert metrics["mIoU"] == pytest.approx(100 * float((tp / (rows + cols - tp))[present].mean()), abs=1e-6)
+    capsys.readouterr()
     # a bad key is one line naming it
     bad = tmp_path / "bad.pth"
     state = torch.load(EDGENETS / CKPTS[0], map_location="cpu", weights_only=True)

@@ -20,6 +20,7 @@ from scaleseg.models.hmsa import (
     ScalePooling,
     deeplabv3plus_os8,
 )
+from scaleseg.models.contract import ContractModel, Grid
 from scaleseg.types import StepInfo
 
 K, C = 4, 6
@@ -29,7 +30,7 @@ def up(t: Tensor, size) -> Tensor:
     return F.interpolate(t, size=tuple(size), mode="bilinear", align_corners=False)
 
 
-class ConvBase(nn.Module):
+class ConvBase(ContractModel):
     """Tiny trainable contract model: logits at input size, aux, feats at stride 4 (input multiple of 4)."""
 
     num_classes, mean, std, stride = K, (0.5,) * 3, (0.25,) * 3, 4
@@ -43,7 +44,8 @@ class ConvBase(nn.Module):
 
     def forward_features(self, x: Tensor) -> dict[str, Tensor]:
         feats = F.avg_pool2d(torch.tanh(self.feat(x)), 4)
-        out = {"logits": up(self.cls(feats), x.shape[-2:]), "feats": feats}
+        size = tuple(x.shape[-2:])
+        out = {"logits": up(self.cls(feats), size), "feats": feats, "grid": Grid(size, size)}
         if self.aux is not None:
             out["aux"] = up(self.aux(feats), x.shape[-2:])
         return out
@@ -52,7 +54,7 @@ class ConvBase(nn.Module):
         return self.forward_features(x)["logits"]
 
 
-class TableBase(nn.Module):
+class TableBase(ContractModel):
     """Returns fixed random logits/aux/feats per input size: the test controls every per-scale output."""
 
     num_classes, mean, std, stride = K, (0.0,) * 3, (1.0,) * 3, 1
@@ -71,7 +73,7 @@ class TableBase(nn.Module):
     def forward_features(self, x: Tensor) -> dict[str, Tensor]:
         size = tuple(x.shape[-2:])
         self.seen.append(size)
-        return dict(self.table[size])
+        return {**self.table[size], "grid": Grid(size, size)}
 
 
 class GateFromFeats(nn.Module):

@@ -11,7 +11,8 @@ import torch
 
 from scaleseg.config import LossConfig
 from scaleseg.errors import ConfigError, DataError
-from scaleseg.losses.rmi import RMICriterion, side_criteria
+from scaleseg.losses.rmi import RMICriterion
+from scaleseg.models.segmentor import aux_criterion, side_criterion
 from scaleseg.models.factory import build_criterion
 
 
@@ -159,13 +160,14 @@ def test_lambda_and_lambda_way_mean_what_they_mean_in_nvidias_rmiloss(lam: float
 def test_rmi_config_keys_reach_the_criterion_and_bad_lambda_way_is_rejected() -> None:
     crit = build_criterion(LossConfig(name="rmi", rmi_lambda=0.3, rmi_lambda_way=0, ocr_aux_rmi=True), 3)
     assert (crit.loss_weight_lambda, crit.lambda_way, crit.aux_rmi) == (0.3, 0, True)
-    aux, per_scale = side_criteria(crit)
+    aux, per_scale = aux_criterion(crit), side_criterion(crit)
     assert (aux.do_rmi, per_scale.do_rmi) == (True, False)
     assert (aux.loss_weight_lambda, aux.lambda_way) == (0.3, 0)
-    default_aux, default_scale = side_criteria(build_criterion(LossConfig(name="rmi"), 3))
+    default = build_criterion(LossConfig(name="rmi"), 3)
+    default_aux, default_scale = aux_criterion(default), side_criterion(default)
     assert (default_aux.do_rmi, default_scale.do_rmi) == (False, False)  # NVIDIA's default: BCE only
     ce = build_criterion(LossConfig(name="ce"), 3)
-    assert side_criteria(ce) == (ce, ce)
+    assert aux_criterion(ce) is ce and side_criterion(ce) is ce
     with pytest.raises(ConfigError, match="lambda_way=2"):
         RMICriterion(3, lambda_way=2)
     from scaleseg.config import from_dict

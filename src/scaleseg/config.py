@@ -91,6 +91,9 @@ class ModelConfig:
     width: float = 2.0
     # HRNet exchange-unit upsampling: timm's "nearest", or "bilinear" as HRNet-Seg / NVIDIA's trunk
     hrnet_fuse_upsample: Literal["nearest", "bilinear"] = "nearest"
+    # inputs that are not a multiple of the stride: "pad" (pixel-exact: pad, upsample, crop) or
+    # "stretch" (NVIDIA's HMSA code: run unpadded, stretch ceil(h/s) maps over h pixels)
+    input_fit: Literal["pad", "stretch"] = "pad"
     hmsa: HMSAConfig = field(default_factory=HMSAConfig)
     mcibi: MCIBIConfig = field(default_factory=MCIBIConfig)
     dsrl: DSRLConfig = field(default_factory=DSRLConfig)
@@ -179,6 +182,8 @@ class TrainConfig:
     limit_train_batches: int | None = None
     checkpoint_every_n_steps: int | None = None
     progress: bool = True
+    # inference scales of the validation during training (None: eval.scales, i.e. what eval uses)
+    val_scales: list[float] | None = None
 
 
 @dataclass
@@ -187,6 +192,7 @@ class EvalConfig:
     crop_size: list[int] | None = None
     stride: list[int] | None = None
     flip: bool = False
+    # None: single scale, or (0.5, 1.0, 2.0) for a hierarchical model (its own inference scales)
     scales: list[float] | None = None
     # auto: hierarchical chaining for models with hmsa.mode=hierarchical, average pooling otherwise
     scale_mode: Literal["auto", "avg", "max", "hierarchical"] = "auto"

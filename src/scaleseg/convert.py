@@ -342,7 +342,8 @@ def convert_ssseg(state: Mapping[str, Tensor], cfg: Config) -> tuple[dict[str, T
         converted[_SSSEG_MEMORY] = memory.float().contiguous()
         initialized = memory.ne(0).any(dim=1)
         converted["head.memory_context.memory.initialized"] = initialized
-        notes["memory_initialized_classes"] = int(initialized.sum())
+        if not initialized.is_meta:
+            notes["memory_initialized_classes"] = int(initialized.sum())
     return converted, cfg, notes
 
 

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from scaleseg.errors import ConfigError, DataError
 
-__all__ = ["RMICriterion", "side_criteria", "sigmoid_bce", "rmi_lower_bound", "valid_onehot"]
+__all__ = ["RMICriterion", "sigmoid_bce", "rmi_lower_bound", "valid_onehot"]
 
 _CLIP_MIN = 1e-6  # added to the masked probabilities, as in the reference
 _POS_ALPHA = 5e-4  # diagonal jitter keeping the 9×9 covariances positive definite
@@ -117,7 +117,7 @@ class RMICriterion(nn.Module):
 
     Side terms (NVIDIA ``MscaleOCR``): per-scale terms are always BCE only (:meth:`bce_only`); the aux
     term is BCE only unless ``aux_rmi`` (NVIDIA ``--ocr_aux_loss_rmi``), see :meth:`aux_part` and
-    :func:`side_criteria`.
+    :func:`scaleseg.models.segmentor.aux_criterion`.
 
     Differences from the reference (see module docstring): ``ignore_index`` honoured; CPU and CUDA;
     autocast disabled inside. **Negative values are expected** (the RMI term is a log-determinant).
@@ -187,13 +187,3 @@ class RMICriterion(nn.Module):
             rmi = rmi_lower_bound(onehot, probs, self.radius, self.pool_size, self.pool_stride)
             return self.combine(bce, rmi.to(logits.dtype))
 
-
-def side_criteria(criterion: nn.Module) -> tuple[nn.Module, nn.Module]:
-    """``(aux criterion, per-scale criterion)`` for a main ``criterion``.
-
-    RMI (NVIDIA's recipe): aux = :meth:`RMICriterion.aux_part` (BCE only unless ``aux_rmi``),
-    per-scale = :meth:`RMICriterion.bce_only`. Any other criterion: itself for both.
-    """
-    if isinstance(criterion, RMICriterion):
-        return criterion.aux_part(), criterion.bce_only()
-    return criterion, criterion

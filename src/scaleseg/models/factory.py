@@ -51,6 +51,9 @@ def build_backbone(cfg: Config) -> Backbone:
     return Backbone(m.backbone, output_stride=m.output_stride, pretrained=m.pretrained, pretrained_file=m.pretrained_file)
 
 
+DEFAULT_INFER_SCALES = (0.5, 1.0, 2.0)
+"""Inference scales of a hierarchical model when ``eval.scales`` is not set (NVIDIA's evaluation)."""
+
 MCIBI_HOSTS = {"deeplabv3plus": "deeplabv3plus", "deeplabv3": "deeplabv3", "pspnet": "pspnet", "fcn": "fcn",
                "hrnet_ocr": "ocr"}
 
@@ -104,12 +107,10 @@ def build_segmentation_model(cfg: Config, num_classes: int) -> nn.Module:
 
 
 def create_model(cfg: Config, num_classes: int) -> nn.Module:
-    """The model the config describes, for ``num_classes`` classes."""
-    m = cfg.model
-    if m.mcibi.enabled and (m.dsrl.enabled or m.hmsa.mode != "none"):
-        # both wrappers train through base.forward_features, which would skip the memory update
-        raise ConfigError("model.mcibi.enabled cannot yet be combined with model.dsrl or model.hmsa: "
-                          "their training would bypass the MCIBI memory update")
+    """The model the config describes, for ``num_classes`` classes: the base (plain, ESPNetv2,
+    HRNet-OCR or an MCIBI host), wrapped by DSRL (``model.dsrl.enabled``), then by hierarchical or
+    explicit attention (``model.hmsa.mode``). Any combination composes: each wrapper hands its runs'
+    outputs back to the model inside it for that model's losses and state updates."""
     model: Any = build_segmentation_model(cfg, num_classes)
     if cfg.model.dsrl.enabled:
         model = wrap_dsrl(model, cfg)
@@ -124,12 +125,12 @@ def wrap_multiscale(base: nn.Module, cfg: Config) -> nn.Module:
     from .hmsa import ExplicitAttention, HierarchicalAttention
 
     h, m = cfg.model.hmsa, cfg.model
-    head = getattr(base, "head", None)
-    attn_in = getattr(head, "feat_channels", None)
+    attn_in = getattr(base, "feat_channels", None)
     if attn_in is None:
         raise ConfigError(f"model.hmsa.mode={h.mode!r} needs a model whose head reports feat_channels ({m.arch} does not)")
     if h.mode == "hierarchical":
-        return HierarchicalAttention(base, attn_in, train_scales=h.train_scales, infer_scales=(1.0,),
+        infer = cfg.eval.scales if cfg.eval.scales and cfg.eval.scale_mode in ("auto", "hierarchical") else DEFAULT_INFER_SCALES
+        return HierarchicalAttention(base, attn_in, train_scales=h.train_scales, infer_scales=infer,
                                      per_scale_weight=h.per_scale_weight, aux_weight=m.aux_weight,
                                      attn_bottleneck=h.attn_channels)
     return ExplicitAttention(base, attn_in, h.explicit_scales, per_scale_weight=h.per_scale_weight,
@@ -138,8 +139,8 @@ def wrap_multiscale(base: nn.Module, cfg: Config) -> nn.Module:
 
 
 def wrap_dsrl(base: nn.Module, cfg: Config) -> nn.Module:
-    """Dual super-resolution learning around a plain model: SSSR (or the bilinear baseline), and with
-    ``dsrl.sisr`` the SISR branch and the FA loss (training-only)."""
+    """Dual super-resolution learning around a base model (plain or an MCIBI host): SSSR (or the
+    bilinear baseline), and with ``dsrl.sisr`` the SISR branch and the FA loss (training-only)."""
     from .dsrl import DSRL
 
     d = cfg.model.dsrl
