@@ -110,3 +110,29 @@ def test_hrnet_ocr_model_with_hmsa() -> None:
     ref = model.forward_features(x)
     assert set(plain) == {"ce", "aux"}
     torch.testing.assert_close(plain["aux"], 0.4 * model.criterion(ref["aux"], mask))
+
+
+def test_bilinear_exchange_units_match_nvidias_trunk() -> None:
+    """NVIDIA's (and HRNet-Seg's) exchange units upsample lower branches bilinearly to the higher
+    branch's size; timm's use nearest ×2^k. ``fuse_upsample="bilinear"`` switches every such
+    upsampling (same weights), which is what makes converted NVIDIA checkpoints give NVIDIA's output."""
+    import pytest
+
+    from scaleseg.errors import ConfigError
+
+    torch.manual_seed(0)
+    near = HRNetV2("hrnet_w18_small").eval()
+    bil = HRNetV2("hrnet_w18_small", fuse_upsample="bilinear").eval()
+    bil.load_state_dict(near.state_dict())
+    ups = [m for m in bil.modules() if isinstance(m, torch.nn.Upsample)]
+    assert ups and all(m.mode == "bilinear" and m.align_corners is False for m in ups)
+    assert all(m.mode == "nearest" for m in near.modules() if isinstance(m, torch.nn.Upsample))
+    fuse = bil.body.model.stage2[0].fuse_layers[0][1]  # branch 1 (stride 8) → branch 0 (stride 4)
+    y = torch.randn(1, fuse[0].in_channels, 4, 6)
+    with torch.no_grad():
+        want = F.interpolate(fuse[1](fuse[0](y)), size=(8, 12), mode="bilinear", align_corners=False)
+        torch.testing.assert_close(fuse(y), want)
+        x = torch.randn(1, 3, 64, 64)
+        assert (near(x)[0] - bil(x)[0]).abs().max() > 1e-4
+    with pytest.raises(ConfigError, match="fuse_upsample='bicubic'"):
+        HRNetV2("hrnet_w18_small", fuse_upsample="bicubic")
