@@ -89,8 +89,6 @@ class ModelConfig:
     aux_weight: float = 0.4
     head_channels: int = 256
     width: float = 2.0
-    # HRNet exchange-unit upsampling: timm's "nearest", or "bilinear" as HRNet-Seg / NVIDIA's trunk
-    hrnet_fuse_upsample: Literal["nearest", "bilinear"] = "nearest"
     # inputs that are not a multiple of the stride: "pad" (pixel-exact: pad, upsample, crop) or
     # "stretch" (NVIDIA's HMSA code: run unpadded, stretch ceil(h/s) maps over h pixels)
     input_fit: Literal["pad", "stretch"] = "pad"

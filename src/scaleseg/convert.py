@@ -13,9 +13,9 @@
   EdgeNets'.
 * ``nvidia`` — NVIDIA/semantic-segmentation ``ocrnet.HRNet_Mscale`` (``cityscapes_ocrnet.HRNet_Mscale_*.pth``,
   ``mapillary_ocrnet.HRNet_Mscale_*.pth``; ``{'state_dict', 'epoch', 'mean_iu', ...}``, keys prefixed
-  ``module.``) → ``model.arch: hrnet_ocr`` + ``model.hmsa.mode: hierarchical``. NVIDIA's HRNet
-  upsamples inside its exchange units bilinearly, timm by nearest neighbour, so the config gets
-  ``model.hrnet_fuse_upsample: bilinear``.
+  ``module.``) → ``model.arch: hrnet_ocr`` + ``model.hmsa.mode: hierarchical``. HRNetV2-W48 has
+  timm's key names; scaleseg's trunk fuses branches bilinearly like NVIDIA's (timm's classifier:
+  nearest), so the converted trunk computes NVIDIA's.
 * ``ssseg`` — sssegmentation ``MCIBI`` with the DeepLabV3 host (``{'model': state_dict, ...}``) →
   ``model.arch: deeplabv3`` + ``model.mcibi.enabled`` on ``resnet50c``/``resnet101c`` (the V1c deep
   stem of ``resnet*conv3x3stem``), output stride 8, aux head; the config gets the reference ASPP
@@ -280,7 +280,6 @@ def convert_nvidia(state: Mapping[str, Tensor], cfg: Config) -> tuple[dict[str, 
         (m.hmsa.mode == "hierarchical", f"config key 'model.hmsa.mode' = {m.hmsa.mode!r}; expected 'hierarchical'"),
         (not m.dsrl.enabled and not m.mcibi.enabled, "expected model.dsrl and model.mcibi off"),
     ], "nvidia")
-    m.hrnet_fuse_upsample = "bilinear"
     return _rename(state, NVIDIA_RULES, "nvidia"), cfg, {}
 
 

@@ -68,8 +68,7 @@ def build_mcibi_model(cfg: Config, num_classes: int, criterion: nn.Module) -> nn
     if m.arch == "hrnet_ocr":
         from .hrnet import HRNetV2
 
-        backbone: nn.Module = HRNetV2(m.backbone, pretrained=m.pretrained, pretrained_file=m.pretrained_file,
-                                      fuse_upsample=m.hrnet_fuse_upsample)
+        backbone: nn.Module = HRNetV2(m.backbone, pretrained=m.pretrained, pretrained_file=m.pretrained_file)
     else:
         backbone = build_backbone(cfg)
     return MCIBIModel(
@@ -78,7 +77,7 @@ def build_mcibi_model(cfg: Config, num_classes: int, criterion: nn.Module) -> nn
         consistency_weight=mc.consistency_weight, consistency_start_epoch=mc.consistency_start_epoch,
         stride8_weight=mc.stride8_weight, momentum=mc.momentum, momentum_min_ratio=mc.momentum_min_ratio,
         memory_init=mc.init, full_resolution=mc.full_resolution, label_downsample=mc.label_downsample,
-        aspp_project_kernel=mc.aspp_project_kernel, aspp_dropout=mc.aspp_dropout,
+        aspp_project_kernel=mc.aspp_project_kernel, aspp_dropout=mc.aspp_dropout, input_fit=m.input_fit,
     )
 
 
@@ -91,6 +90,8 @@ def build_segmentation_model(cfg: Config, num_classes: int) -> nn.Module:
     if m.arch == "espnetv2":
         from .espnetv2 import espnetv2_seg
 
+        if m.input_fit != "pad":
+            raise ConfigError(f"config key 'model.input_fit' = {m.input_fit!r} is not supported by model.arch 'espnetv2'; use 'pad'")
         return espnetv2_seg(num_classes, s=m.width, criterion=criterion, proj_planes=m.espnetv2.proj_planes,
                             align_corners=m.espnetv2.align_corners)
     if m.arch == "hrnet_ocr":
@@ -99,11 +100,12 @@ def build_segmentation_model(cfg: Config, num_classes: int) -> nn.Module:
         mid = m.head_channels * 2  # OCR mid channels 512 with the default head_channels 256
         return hrnet_ocr(num_classes, m.backbone, pretrained=m.pretrained, pretrained_file=m.pretrained_file,
                          criterion=criterion, aux_weight=m.aux_weight, mid_channels=mid, key_channels=mid // 2,
-                         fuse_upsample=m.hrnet_fuse_upsample)
+                         input_fit=m.input_fit)
     backbone = build_backbone(cfg)
     aux = AuxFCNHead(backbone.channels[-2], num_classes, m.head_channels) if m.aux_head else None
     head = _head(m.arch, backbone.channels, num_classes, cfg)
-    return SegmentationModel(backbone, head, num_classes, criterion=criterion, aux_head=aux, aux_weight=m.aux_weight)
+    return SegmentationModel(backbone, head, num_classes, criterion=criterion, aux_head=aux, aux_weight=m.aux_weight,
+                             input_fit=m.input_fit)
 
 
 def create_model(cfg: Config, num_classes: int) -> nn.Module:
