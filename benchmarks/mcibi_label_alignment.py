@@ -22,8 +22,9 @@ both paths get identical memories if they see the same class means, so step 1 al
 little), steps 2–4 are EMA steps with ``m = momentum_at(step, 100)`` ≈ 0.9.
 
 Figures per variant, over classes present in the memory: relative L2 ``‖M − M_full‖ / ‖M_full‖``
-(max and median over classes) and max absolute difference. ``ratio_corner_to_soft`` = max relative
-L2 of corner ÷ soft.
+(max and median over classes), max absolute difference and the mean time of one update (the
+variants take turns, so load from other processes affects them alike). ``ratio_corner_to_soft`` =
+max relative L2 of corner ÷ soft.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ import json
 import platform
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -96,13 +98,16 @@ def run() -> dict:
         "majority": FeatureMemory(k, CHANNELS, label_downsample="majority"),
         "soft": FeatureMemory(k, CHANNELS, label_downsample="soft"),
     }
+    seconds = {name: 0.0 for name in variants}
     for step, (feats, labels) in enumerate(batches):
         info = StepInfo(step=step, max_steps=100)
-        for name, mem in variants.items():
+        for name, mem in variants.items():  # the variants take turns, so machine load hits them alike
+            start = time.perf_counter()
             lab = labels
             if name == "corner":
                 lab = F.interpolate(labels[:, None].float(), size=feats.shape[-2:], mode="nearest")[:, 0].long()
             mem.update(feats, lab, info)
+            seconds[name] += time.perf_counter() - start
     full = variants["full"]
     present = full.initialized.nonzero().squeeze(1).tolist()
     result: dict = {"source": source, "num_classes": k, "images": IMAGES, "steps": len(batches),
@@ -117,7 +122,9 @@ def run() -> dict:
             "median_rel_l2": statistics.median(rel),
             "max_abs": float((mem.memory[both] - full.memory[both]).abs().max()),
             "classes_missing": len(present) - len(both),
+            "update_s": seconds[name] / len(batches),
         }
+    result["full_update_s"] = seconds["full"] / len(batches)
     result["ratio_corner_to_soft"] = result["corner"]["max_rel_l2"] / max(result["soft"]["max_rel_l2"], 1e-12)
     result["platform"] = {"python": sys.version.split()[0], "torch": torch.__version__, "machine": platform.machine()}
     return result
@@ -126,10 +133,12 @@ def run() -> dict:
 def main() -> None:
     result = run()
     print(f"labels: {result['source']} ({result['images']} images, {result['steps']} updates, stride {STRIDE})")
-    print(f"{'variant':>9}  {'max rel L2':>10}  {'median rel L2':>13}  {'max |dM|':>8}  missing")
+    print(f"{'variant':>9}  {'max rel L2':>10}  {'median rel L2':>13}  {'max |dM|':>8}  missing  s/update")
     for name in ("corner", "center", "majority", "soft"):
         r = result[name]
-        print(f"{name:>9}  {r['max_rel_l2']:10.4f}  {r['median_rel_l2']:13.4f}  {r['max_abs']:8.4f}  {r['classes_missing']}")
+        print(f"{name:>9}  {r['max_rel_l2']:10.4f}  {r['median_rel_l2']:13.4f}  {r['max_abs']:8.4f}  "
+              f"{r['classes_missing']:7d}  {r['update_s']:.3f}")
+    print(f"{'full':>9}  (reference path){'':>35}{result['full_update_s']:.3f}")
     print(f"corner / soft (max rel L2): {result['ratio_corner_to_soft']:.1f}x")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2))
