@@ -143,3 +143,24 @@ def test_edgenets_key_names_map_onto_the_model() -> None:
     missing = [k for k in EDGENETS_KEYS if edgenets_key_map(k) not in keys]
     assert not missing
     assert "head.bu_dec_l4.br.br.0.weight" not in keys  # last block has no BN+PReLU, but a bias
+
+
+def test_official_upsampling_and_projection_options() -> None:
+    """``align_corners=True`` (EdgeNets' head) upsamples the stride-2 logits with align_corners=True;
+    ``proj_planes`` overrides EdgeNets' min(K // 2, 16) rule (19 classes would give 9, its 20-output
+    checkpoints have 10)."""
+    torch.manual_seed(0)
+    assert espnetv2_seg(19, 2.0).head.proj_planes == 9 and espnetv2_seg(20, 2.0).head.proj_planes == 10
+    official = espnetv2_seg(19, 0.5, proj_planes=10, align_corners=True).eval()
+    assert official.head.proj_planes == 10 and official.head.bu_dec_l4.merge_layer[3].weight.shape == (19, 10, 1, 1)
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        low = official.head(official.backbone(x))["logits"]
+        out = official(x)
+        torch.testing.assert_close(out, F.interpolate(low, size=(64, 96), mode="bilinear", align_corners=True))
+        official.head.upsample_align_corners = False
+        plain = official(x)
+    torch.testing.assert_close(plain, F.interpolate(low, size=(64, 96), mode="bilinear", align_corners=False))
+    assert (plain - out).abs().max() > 1e-3
+    with pytest.raises(ConfigError, match="proj_planes=0"):
+        ESPNetv2Head([32, 64, 128, 256], 19, proj_planes=0)

@@ -224,6 +224,35 @@ def test_training_losses_terms() -> None:
     assert set(plain.training_losses({"image": x, "mask": mask}, StepInfo())) == {"main"}
 
 
+def test_ocr_aux_rmi_puts_rmi_on_aux_only_as_nvidia() -> None:
+    """NVIDIA MscaleOCR with --ocr_aux_loss_rmi: loss = 0.4·RMI(aux) + RMI(main) + w·(BCE(p_lo) + BCE(p_hi)).
+    Before, an RMI aux criterion also put RMI on the per-scale terms."""
+    torch.manual_seed(1)
+    x = torch.randn(2, 3, 32, 32)
+    mask = torch.randint(0, K, (2, 32, 32))
+    mask[:, :4] = 255
+    rmi, bce = RMICriterion(K), RMICriterion(K, do_rmi=False)
+    model = HierarchicalAttention(ConvBase(), C, criterion=RMICriterion(K, aux_rmi=True), per_scale_weight=0.05).eval()
+    losses = model.training_losses({"image": x, "mask": mask}, StepInfo())
+    out = model.two_scale_forward(x, return_scales=True)
+    want = {
+        "main": rmi(out["logits"], mask),
+        "aux": 0.4 * rmi(out["aux"], mask),
+        "pred_0.5x": 0.05 * bce(up(out["pred_0.5x"], (32, 32)), mask),
+        "pred_1.0x": 0.05 * bce(out["pred_1.0x"], mask),
+    }
+    assert set(losses) == set(want)
+    for key, value in want.items():
+        torch.testing.assert_close(losses[key], value)
+    # an explicit aux criterion is used for the aux term only; per-scale terms stay BCE
+    explicit = HierarchicalAttention(ConvBase(), C, criterion=RMICriterion(K), aux_criterion=RMICriterion(K)).eval()
+    explicit.load_state_dict(model.state_dict())
+    got = explicit.training_losses({"image": x, "mask": mask}, StepInfo())
+    torch.testing.assert_close(sum(got.values()), sum(want.values()))
+    old_per_scale = 0.05 * (rmi(up(out["pred_0.5x"], (32, 32)), mask) + rmi(out["pred_1.0x"], mask))
+    assert abs((old_per_scale - want["pred_0.5x"] - want["pred_1.0x"]).item()) > 1e-3  # the old behaviour differs
+
+
 def test_explicit_attention_softmax_weights_and_fusion() -> None:
     torch.manual_seed(2)
     model = ExplicitAttention(ConvBase(), C, scales=(0.5, 1.0, 2.0)).eval()
@@ -245,6 +274,31 @@ def test_explicit_attention_softmax_weights_and_fusion() -> None:
     assert set(losses) == {"main", "aux", "pred_0.5x", "pred_1.0x", "pred_2.0x"}
     sum(losses.values()).backward()
     assert model.scale_attn.conv0.weight.grad.abs().sum() > 0
+
+
+def test_explicit_attention_head_layouts() -> None:
+    """Published head (Chen et al. / NVIDIA ASDV3P default): 3×3 → 512, ReLU, 1×1 → S, no norm, no bias,
+    and the 1×1 conv without NVIDIA's padding=1 (which grew an h×w map to (h+2)×(w+2))."""
+    published = ExplicitAttention(ConvBase(), C, scales=(0.5, 1.0, 2.0)).eval()
+    assert [n for n, _ in published.scale_attn.named_children()] == ["conv0", "re0", "conv1"]
+    conv0, conv1 = published.scale_attn.conv0, published.scale_attn.conv1
+    assert (conv0.in_channels, conv0.out_channels, conv0.kernel_size, conv0.padding) == (3 * C, 512, (3, 3), (1, 1))
+    assert (conv1.out_channels, conv1.kernel_size, conv1.padding) == (3, (1, 1), (0, 0))
+    assert sum(p.numel() for p in published.scale_attn.parameters()) == 3 * C * 512 * 9 + 512 * 3  # 84480
+    feats = torch.randn(2, 3 * C, 5, 7)
+    with torch.no_grad():
+        want = F.conv2d(F.relu(F.conv2d(feats, conv0.weight, padding=1)), conv1.weight)
+        torch.testing.assert_close(published.scale_attn(feats), want)
+        assert want.shape == (2, 3, 5, 7)
+        grown = F.conv2d(F.relu(F.conv2d(feats, conv0.weight, padding=1)), conv1.weight, padding=1)
+        assert grown.shape == (2, 3, 7, 9)  # the reference's bug, for the record
+    old = ExplicitAttention(ConvBase(), C, scales=(0.5, 1.0, 2.0), head_layout="bn")
+    assert [n for n, _ in old.scale_attn.named_children()] == ["conv0", "bn0", "re0", "conv1"]
+    assert old.scale_attn.conv0.out_channels == 256
+    assert sum(p.numel() for p in old.scale_attn.parameters()) == 3 * C * 256 * 9 + 2 * 256 + 256 * 3  # 42752
+    assert ExplicitAttention(ConvBase(), C, head_layout="published", attn_bottleneck=64).scale_attn.conv0.out_channels == 64
+    with pytest.raises(ConfigError, match="head_layout='bnx'"):
+        ExplicitAttention(ConvBase(), C, head_layout="bnx")
 
 
 @pytest.mark.parametrize("mode", ["avg", "max"])

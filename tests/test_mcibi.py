@@ -19,21 +19,38 @@ IGNORE = 255
 
 
 # --------------------------------------------------------------------------------------------
-# reference: the reference code's loop over classes (float64), with the eps in the weights
+# reference: the reference code's loop over classes (float64), plus our degenerate fallback
 # --------------------------------------------------------------------------------------------
-def loop_update(memory, initialized, feats, labels, momentum, *, eps=1e-6, full_resolution=False):
+def loop_update(memory, initialized, feats, labels, momentum, *, mode="soft", tol=1e-5):
     """Per-class Python loop like sssegmentation's FeaturesMemory.update, in float64.
 
-    Feature resolution: labels are taken at the feature grid by integer striding (= nearest);
-    full resolution: features are bilinearly upsampled to the label size."""
+    ``mode="full"``: features bilinearly upsampled to the label size (the reference);
+    ``"soft"``: features repeated over their s×s cell (nearest upsampling), i.e. every feature pixel
+    counts once per label pixel of its cell; ``"center"``: the label at the cell centre (s·i + s/2);
+    ``"majority"``: the most frequent valid label of the cell (lowest id on ties).
+    A class with Σ(1 − cos) < ``tol`` takes the plain mean."""
     mem = memory.double().clone()
     init = initialized.clone()
     feats = feats.double()
-    if full_resolution:
+    s = labels.shape[-1] // feats.shape[-1]
+    if mode == "full":
         feats = F.interpolate(feats, size=labels.shape[-2:], mode="bilinear", align_corners=False)
-    else:
-        s = labels.shape[-1] // feats.shape[-1]
-        labels = labels[:, ::s, ::s]
+    elif mode == "soft":
+        feats = feats.repeat_interleave(s, dim=2).repeat_interleave(s, dim=3)
+    elif mode == "center":
+        labels = labels[:, s // 2 :: s, s // 2 :: s]
+    else:  # majority, one cell at a time
+        b, h, w = labels.shape[0], feats.shape[2], feats.shape[3]
+        out = torch.full((b, h, w), IGNORE, dtype=torch.long)
+        for n in range(b):
+            for i in range(h):
+                for j in range(w):
+                    cell = labels[n, i * s : (i + 1) * s, j * s : (j + 1) * s].flatten()
+                    cell = cell[cell != IGNORE]
+                    if cell.numel():
+                        counts = torch.bincount(cell)
+                        out[n, i, j] = int(counts.argmax())  # first maximum = lowest id
+        labels = out
     channels = feats.shape[1]
     x = feats.permute(0, 2, 3, 1).reshape(-1, channels)
     y = labels.reshape(-1)
@@ -46,8 +63,9 @@ def loop_update(memory, initialized, feats, labels, momentum, *, eps=1e-6, full_
             init[k] = True
             continue
         sim = F.cosine_similarity(xk, mem[k].expand_as(xk), dim=1)
-        w = (1 - sim) / ((1 - sim).sum() + eps)
-        mem[k] = (1 - momentum) * mem[k] + momentum * (xk * w[:, None]).sum(0)
+        total = (1 - sim).sum()
+        new = xk.mean(0) if total < tol else (xk * ((1 - sim) / total)[:, None]).sum(0)
+        mem[k] = (1 - momentum) * mem[k] + momentum * new
     return mem.float(), init
 
 
@@ -72,20 +90,24 @@ def partially_initialised(num_classes=7, channels=16, *, seed=5, **kwargs):
 # --------------------------------------------------------------------------------------------
 # update rule
 # --------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("full_resolution", [False, True])
-def test_update_matches_per_class_loop(full_resolution):
-    mem = partially_initialised(full_resolution=full_resolution)
+MODES = {"full": {"full_resolution": True}, "soft": {}, "center": {"label_downsample": "center"},
+         "majority": {"label_downsample": "majority"}}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_update_matches_per_class_loop(mode):
+    mem = partially_initialised(**MODES[mode])
     feats, labels = make_batch(0, absent=(6,))  # class 6 absent: stays empty
     step = StepInfo(step=30, max_steps=100)
     m = mem.momentum_at(30, 100)
-    ref_mem, ref_init = loop_update(mem.memory, mem.initialized, feats, labels, m, full_resolution=full_resolution)
+    ref_mem, ref_init = loop_update(mem.memory, mem.initialized, feats, labels, m, mode=mode)
     mem.update(feats, labels, step)
     torch.testing.assert_close(mem.memory, ref_mem, atol=1e-6, rtol=0)
     assert torch.equal(mem.initialized, ref_init)
     assert not mem.initialized[6] and mem.memory[6].abs().sum() == 0
     # second step: every seen class now takes the EMA path
     feats2, labels2 = make_batch(1)
-    ref_mem2, ref_init2 = loop_update(mem.memory, mem.initialized, feats2, labels2, m, full_resolution=full_resolution)
+    ref_mem2, ref_init2 = loop_update(mem.memory, mem.initialized, feats2, labels2, m, mode=mode)
     mem.update(feats2, labels2, step)
     torch.testing.assert_close(mem.memory, ref_mem2, atol=1e-6, rtol=0)
     assert torch.equal(mem.initialized, ref_init2)
@@ -100,6 +122,39 @@ def test_feature_and_full_resolution_differ_and_chunking_is_exact():
         mem.update(feats, labels, StepInfo(0, 10))
     assert (a.memory - b.memory).abs().max() > 1e-3  # two genuinely different paths
     torch.testing.assert_close(b.memory, c.memory, atol=1e-6, rtol=0)
+
+
+def test_label_downsampling_by_hand():
+    """One 2×2 feature map at stride 4 (8×8 labels): cell (0, 0) holds 10 px of class 1 and 6 of class 2.
+
+    soft: class 1 gets feature f00 with multiplicity 10 and f01 with 16, class 2 f00 with 6; a first
+    sighting takes the pixel-count-weighted mean. center: the label at pixel (2, 2) of each cell.
+    majority: the most frequent label per cell."""
+    f = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 2.0], [4.0, 0.0]])  # f00, f01, f10, f11 (C = 2)
+    feats = f.T.reshape(1, 2, 2, 2)
+    labels = torch.full((1, 8, 8), IGNORE)
+    cell00 = torch.tensor([1] * 10 + [2] * 6).view(4, 4)  # rows 0-1 and half of row 2 are class 1
+    assert cell00[2, 2] == 2  # the centre pixel (2, 2) is class 2
+    labels[0, :4, :4] = cell00
+    labels[0, :4, 4:] = 1  # f01: all class 1
+    labels[0, 4:, :4] = 3  # f10: all class 3
+    # f11 cell: all ignore
+    soft = FeatureMemory(4, 2)
+    soft.update(feats, labels, StepInfo(0, 10))
+    torch.testing.assert_close(soft.memory[1], (10 * f[0] + 16 * f[1]) / 26)
+    torch.testing.assert_close(soft.memory[2], f[0])
+    torch.testing.assert_close(soft.memory[3], f[2])
+    assert soft.initialized.tolist() == [False, True, True, True]
+    center = FeatureMemory(4, 2, label_downsample="center")
+    center.update(feats, labels, StepInfo(0, 10))
+    torch.testing.assert_close(center.memory[1], f[1])  # cell 00 centre is class 2
+    torch.testing.assert_close(center.memory[2], f[0])
+    majority = FeatureMemory(4, 2, label_downsample="majority")
+    majority.update(feats, labels, StepInfo(0, 10))
+    torch.testing.assert_close(majority.memory[1], (f[0] + f[1]) / 2)  # cell 00 is mostly class 1
+    assert not majority.initialized[2]
+    with pytest.raises(ConfigError, match="label_downsample='nearest'"):
+        FeatureMemory(4, 2, label_downsample="nearest")  # type: ignore[arg-type]
 
 
 def test_first_seen_class_takes_mean_without_ema_and_ignore_is_excluded():
@@ -122,25 +177,50 @@ def test_first_seen_class_takes_mean_without_ema_and_ignore_is_excluded():
 
 def test_hand_computed_ema_step():
     """M1 = (1, 0); pixels a = (1, 0) (cos 1, weight 0) and b = (0, 2) (cos 0, weight 1):
-    R' = b / (1 + eps) and M1 <- (1 - m) M1 + m R'."""
-    mem = FeatureMemory(2, 2, momentum=0.8, eps=1e-6)
+    R' = b and M1 <- (1 - m) M1 + m R' (no epsilon in the denominator)."""
+    mem = FeatureMemory(2, 2, momentum=0.8)
     mem.memory[1] = torch.tensor([1.0, 0.0])
     mem.initialized[1] = True
     feats = torch.tensor([[1.0, 0.0], [0.0, 2.0]]).T.reshape(1, 2, 1, 2)
     labels = torch.tensor([[[1, 1]]])
     mem.update(feats, labels, StepInfo(0, 10))
     m = 0.8
-    expected = torch.tensor([(1 - m) * 1.0, m * 2.0 / (1 + 1e-6)])
+    expected = torch.tensor([(1 - m) * 1.0, m * 2.0])
     torch.testing.assert_close(mem.memory[1], expected, atol=1e-7, rtol=0)
 
 
-def test_eps_avoids_nan_when_all_pixels_are_parallel_to_memory():
-    mem = FeatureMemory(2, 3)
+def test_degenerate_class_falls_back_to_the_plain_mean():
+    """Pixels parallel to M_k up to 1e-7 rad: Σ(1 − cos) ≈ 1e-14 < 1e-5. The reference divides ~0/0;
+    with the old ε = 1e-6 in the denominator the update shrank R′ to ~0 (|M| 2.34 → 0.85 in the issue's
+    case). Now R′ = the class mean: M ← (1 − m)·M + m·mean. And exactly parallel pixels no longer NaN."""
+    mem = FeatureMemory(2, 3, momentum=0.9)
     mem.memory[0] = torch.tensor([1.0, 2.0, 3.0])
     mem.initialized[0] = True
-    feats = torch.tensor([2.0, 4.0, 6.0]).view(1, 3, 1, 1).expand(1, 3, 2, 2).contiguous()
-    mem.update(feats, torch.zeros(1, 2, 2, dtype=torch.long), StepInfo(0, 10))
-    assert torch.isfinite(mem.memory).all()
+    u = torch.tensor([1.0, 2.0, 3.0]) / math.sqrt(14.0)
+    tilt = torch.tensor([3.0, 0.0, -1.0]) / math.sqrt(10.0)  # ⟂ u
+    pixels = torch.stack([2.0 * u, 4.0 * (u + 1e-7 * tilt), 6.0 * u, 3.0 * (u - 1e-7 * tilt)])
+    feats = pixels.T.reshape(1, 3, 2, 2)
+    labels = torch.zeros(1, 2, 2, dtype=torch.long)
+    stats = mem.batch_statistics(feats, labels)
+    assert float(stats["wtot"][0]) < 1e-12
+    m = mem.momentum_at(0, 10)
+    mem.update(feats, labels, StepInfo(0, 10))
+    expected = (1 - m) * torch.tensor([1.0, 2.0, 3.0]) + m * pixels.mean(0)  # mean norm 3.75, |M| = 3.75·0.9 + 0.1·√14
+    torch.testing.assert_close(mem.memory[0], expected, atol=1e-6, rtol=0)
+    assert mem.memory[0].norm().item() == pytest.approx(0.9 * 3.75 + 0.1 * math.sqrt(14.0), abs=1e-5)  # 3.7492
+    # exactly parallel: no NaN, same rule
+    exact = FeatureMemory(2, 3)
+    exact.memory[0] = torch.tensor([1.0, 2.0, 3.0])
+    exact.initialized[0] = True
+    exact.update(torch.tensor([2.0, 4.0, 6.0]).view(1, 3, 1, 1).expand(1, 3, 2, 2).contiguous(),
+                 torch.zeros(1, 2, 2, dtype=torch.long), StepInfo(0, 10))
+    m = exact.momentum_at(0, 10)
+    torch.testing.assert_close(exact.memory[0], (1 - m) * torch.tensor([1.0, 2.0, 3.0]) + m * torch.tensor([2.0, 4.0, 6.0]))
+    # just above the tolerance the cosine weights are used again
+    far = FeatureMemory(2, 3, degenerate_tol=1e-20)
+    far.load_state_dict({"memory": mem.memory * 0 + torch.tensor([1.0, 2.0, 3.0]), "initialized": mem.initialized})
+    far.update(feats, labels, StepInfo(0, 10))
+    assert (far.memory[0] - expected).abs().max() > 1e-2
 
 
 def test_random_pixel_init_picks_one_pixel_of_the_class_deterministically():
@@ -148,37 +228,42 @@ def test_random_pixel_init_picks_one_pixel_of_the_class_deterministically():
     results = []
     for _ in range(2):
         mem = partially_initialised(init="random_pixel", seed=5)
-        ema_ref, _ = loop_update(mem.memory, mem.initialized, feats, labels, mem.momentum_at(0, 10))
+        ema_ref, _ = loop_update(mem.memory, mem.initialized, feats, labels, mem.momentum_at(0, 10), mode="soft")
         mem.update(feats, labels, StepInfo(0, 10))
         results.append(mem.memory.clone())
         # initialised classes still follow the EMA rule
         torch.testing.assert_close(mem.memory[:3], ema_ref[:3], atol=1e-6, rtol=0)
         pixels = feats.permute(0, 2, 3, 1).reshape(-1, feats.shape[1])
-        lab = labels[:, ::8, ::8].reshape(-1)
-        for k in (3, 4, 5):  # newly seen: equal to one pixel of class k
-            dist = (pixels[lab == k] - mem.memory[k]).abs().sum(1)
+        has = F.one_hot(torch.where(labels == IGNORE, 7, labels), 8).view(2, 8, 8, 8, 8, 8).amax(dim=(2, 4))
+        for k in (3, 4, 5):  # newly seen: equal to one feature pixel whose cell holds class k
+            dist = (pixels[has.reshape(-1, 8)[:, k] > 0] - mem.memory[k]).abs().sum(1)
             assert dist.min() == 0
         assert not mem.initialized[6]
     assert torch.equal(results[0], results[1])
 
 
 def test_momentum_schedule_values():
-    mem = FeatureMemory(2, 2, momentum=0.9)
+    mem = FeatureMemory(2, 2, momentum=0.9, min_ratio=0.0)
     assert mem.momentum_at(0, 1000) == pytest.approx(0.9)
     assert mem.momentum_at(500, 1000) == pytest.approx(0.9 * 0.5**0.9)
     assert mem.momentum_at(250, 1000) == pytest.approx(0.9 * 0.75**0.9)
     assert mem.momentum_at(1000, 1000) == pytest.approx(0.0)
-    # reference parity: m0 * lr/lr0 with poly(0.9) and min_lr = 0.01 lr0
-    ref = FeatureMemory(2, 2, momentum=0.9, min_ratio=0.01)
+    assert mem.momentum_at(999, 1000) == pytest.approx(0.0018, abs=1e-4)  # no floor: the old default
+    # default = reference parity: m0 * lr/lr0 with poly(0.9) and min_lr = 0.01 lr0
+    ref = FeatureMemory(2, 2, momentum=0.9)
+    assert ref.min_ratio == 0.01
     assert ref.momentum_at(500, 1000) == pytest.approx(0.4865, abs=1e-4)
     assert ref.momentum_at(999, 1000) == pytest.approx(0.9 * (0.99 * 0.001**0.9 + 0.01))
+    assert ref.momentum_at(999, 1000) == pytest.approx(0.0108, abs=1e-4)
+    # the reference's Cityscapes configs (base_lr = 0.9·lr0) are m0 = 1
+    assert FeatureMemory(2, 2, momentum=1.0).momentum_at(0, 1000) == pytest.approx(1.0)
     # the schedule is what update() uses
     mem.memory[0] = torch.tensor([1.0, 0.0])
     mem.initialized[0] = True
     feats = torch.tensor([0.0, 1.0]).view(1, 2, 1, 1)
     mem.update(feats, torch.zeros(1, 1, 1, dtype=torch.long), StepInfo(500, 1000))
     m = 0.9 * 0.5**0.9
-    torch.testing.assert_close(mem.memory[0], torch.tensor([1 - m, m / (1 + 1e-6)]))
+    torch.testing.assert_close(mem.memory[0], torch.tensor([1 - m, m]))
 
 
 def test_memory_roundtrips_through_checkpoint():
@@ -363,7 +448,7 @@ def test_training_losses_equal_hand_computed_terms_and_update_memory():
     expected = F.cross_entropy(h2(old_memory[:3].view(3, 32, 1, 1)).flatten(1), torch.arange(3))
     torch.testing.assert_close(losses["consistency"], expected)
     # the memory update used this forward's R and the mask padded with ignore to 40×48
-    manual = FeatureMemory(K, 32)
+    manual = FeatureMemory(K, 32)  # the model's defaults: soft labels at feature resolution, floor 0.01
     manual.load_state_dict({"memory": old_memory, "initialized": old_init})
     padded = F.pad(mask, (0, 4, 0, 4), value=IGNORE)
     manual.update(captured["R"], padded, step)
@@ -425,3 +510,57 @@ def test_model_checkpoint_roundtrip_keeps_memory():
 def test_unknown_host_is_a_config_error():
     with pytest.raises(ConfigError, match="host='unet'"):
         tiny_model("unet")
+
+
+# --------------------------------------------------------------------------------------------
+# reproduction recipes and the reference ASPP
+# --------------------------------------------------------------------------------------------
+def test_reference_aspp_projection_sizes():
+    """sssegmentation's ASPP fuses 5×512 → 512 with a 3×3 conv (11.80 M weights), scaleseg's light
+    layout with a 1×1 conv + dropout (1.31 M)."""
+    from scaleseg.models.heads import ASPP
+
+    with torch.device("meta"):
+        ref = ASPP(2048, 512, (12, 24, 36), project_kernel=3, dropout=0.0)
+        light = ASPP(2048, 512, (12, 24, 36))
+    conv = lambda m: m.project[0][0].weight.numel()  # noqa: E731
+    assert conv(ref) == 5 * 512 * 512 * 9 == 11_796_480
+    assert conv(light) == 5 * 512 * 512 == 1_310_720
+    assert ref.project[1].p == 0.0 and light.project[1].p == 0.1
+    with pytest.raises(ConfigError, match="project_kernel=5"):
+        ASPP(8, 4, project_kernel=5)
+
+
+@pytest.mark.parametrize("recipe", ["ade20k/deeplabv3_mcibi.yaml", "cityscapes/deeplabv3_mcibi.yaml"])
+def test_reproduction_recipes_use_the_reference_path(recipe):
+    from pathlib import Path
+
+    import scaleseg
+
+    path = Path(__file__).resolve().parents[1] / "configs" / recipe
+    cfg = scaleseg.load_config(path, ["model.pretrained=false"])
+    with torch.device("meta"):
+        model = scaleseg.create_model(cfg)
+    mem = model.feature_memory
+    assert mem.full_resolution and mem.min_ratio == 0.01
+    aspp = model.head.context_module
+    assert aspp.dilations == (12, 24, 36) and aspp.project[0][0].kernel_size == (3, 3) and aspp.project[1].p == 0.0
+    assert model.aux_head is not None and model.aux_weight == 0.4 and model.memory_loss_weight == 0.4
+    ade = recipe.startswith("ade20k")
+    assert model.consistency_weight == (1.0 if ade else 0.0)
+    assert cfg.model.backbone == ("resnet50c" if ade else "resnet101c")
+    # momentum: ADE20K m(0) = 0.9; Cityscapes m(0) = 1.0 (reference base_lr = 0.9·lr0); floor 0.01·m0
+    assert mem.momentum_at(0, 1000) == pytest.approx(0.9 if ade else 1.0)
+    assert mem.momentum_at(999, 1000) == pytest.approx((0.9 if ade else 1.0) * (0.99 * 0.001**0.9 + 0.01))
+
+
+def test_shipped_non_reference_mcibi_configs_keep_the_fast_path():
+    from pathlib import Path
+
+    import scaleseg
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    for path in sorted(root.rglob("*mcibi*.yaml")):
+        cfg = scaleseg.load_config(path)
+        assert cfg.model.mcibi.momentum_min_ratio == 0.01, path
+        assert cfg.model.mcibi.full_resolution == (cfg.model.arch == "deeplabv3"), path

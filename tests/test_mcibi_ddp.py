@@ -118,6 +118,8 @@ def test_ddp_update_equals_single_process_update(tmp_path):
     torch.testing.assert_close(mem_step0[:2], ranks[0]["mean_0"][:2], atol=1e-6, rtol=0)
     feats, labels = _batches()[0]
     pixels = feats.permute(0, 2, 3, 1).reshape(-1, CHANNELS)
-    lab = labels[:, ::4, ::4].reshape(-1)
+    # feature pixels whose 4×4 label cell holds class k (soft label downsampling, the default)
+    onehot = torch.nn.functional.one_hot(torch.where(labels == IGNORE, NUM_CLASSES, labels), NUM_CLASSES + 1)
+    has = onehot.view(2 * WORLD, 8, 4, 8, 4, NUM_CLASSES + 1).amax(dim=(2, 4)).reshape(-1, NUM_CLASSES + 1)
     for k in (2, 3, 5):
-        assert (pixels[lab == k] - mem_step0[k]).abs().sum(1).min() == 0
+        assert (pixels[has[:, k] > 0] - mem_step0[k]).abs().sum(1).min() == 0

@@ -9,13 +9,17 @@ import numpy as np
 import pytest
 import torch
 
-from scaleseg.errors import DataError
+from scaleseg.config import LossConfig
+from scaleseg.errors import ConfigError, DataError
 from scaleseg.losses.rmi import RMICriterion
+from scaleseg.models.segmentor import aux_criterion, side_criterion
+from scaleseg.models.factory import build_criterion
 
 
 def _reference(logits: np.ndarray, target: np.ndarray, num_classes: int, ignore: int,
-               do_rmi: bool = True) -> float:
-    """Loop-based float64 version: BCE/(valid+1), 4×4/4 avg pool pad 2, 3×3 patches, Cholesky logdet."""
+               do_rmi: bool = True, lam: float = 0.5, lambda_way: int = 1) -> float:
+    """Loop-based float64 version: BCE/(valid+1), 4×4/4 avg pool pad 2, 3×3 patches, Cholesky logdet;
+    combined as NVIDIA's RMILoss: lambda_way 1 → λ·BCE + (1 − λ)·RMI, 0 → BCE + λ·RMI."""
     b, k, h, w = logits.shape
     valid = (target >= 0) & (target < num_classes) & (target != ignore)
     onehot = np.zeros_like(logits)
@@ -54,7 +58,9 @@ def _reference(logits: np.ndarray, target: np.ndarray, num_classes: int, ignore:
             chol = np.linalg.cholesky(var + 5e-4 * eye)
             per_image.append(0.5 * 2.0 * np.log(np.diag(chol) + 1e-8).sum())
         total += np.mean(per_image) / 9.0
-    return float(0.5 * bce + 0.5 * total)
+    if lambda_way == 1:
+        return float(lam * bce + (1 - lam) * total)
+    return float(bce + lam * total)
 
 
 def _inputs(seed: int, b: int = 2, k: int = 3, h: int = 24, w: int = 20, dtype=torch.float64):
@@ -135,3 +141,35 @@ def test_shape_mismatch_raises() -> None:
         RMICriterion(3)(torch.zeros(1, 3, 8, 8), torch.zeros(1, 8, 9, dtype=torch.long))
     with pytest.raises(DataError, match="radius"):
         RMICriterion(3)(torch.zeros(1, 3, 4, 4), torch.zeros(1, 4, 4, dtype=torch.long))
+
+
+@pytest.mark.parametrize(("lam", "way"), [(0.3, 1), (0.3, 0), (0.5, 0), (0.9, 1)])
+def test_lambda_and_lambda_way_mean_what_they_mean_in_nvidias_rmiloss(lam: float, way: int) -> None:
+    """``loss_weight_lambda`` weights BCE (way 1: λ·BCE + (1−λ)·RMI; way 0: BCE + λ·RMI), as NVIDIA's
+    RMILoss; the old ``rmi_weight`` weighted the RMI term (at λ = 0.3 our old value was 0.63 off on
+    this kind of input, measured against NVIDIA's code: docs/fidelity.md)."""
+    logits, target = _inputs(5)
+    got = RMICriterion(3, loss_weight_lambda=lam, lambda_way=way)(logits, target).item()
+    want = _reference(logits.numpy(), target.numpy(), 3, 255, lam=lam, lambda_way=way)
+    assert got == pytest.approx(want, rel=1e-9, abs=1e-9)
+    bce = RMICriterion(3, do_rmi=False)(logits, target).item()
+    rmi = (_reference(logits.numpy(), target.numpy(), 3, 255, lam=0.0, lambda_way=1))  # RMI term alone
+    assert got == pytest.approx(lam * bce + (1 - lam) * rmi if way else bce + lam * rmi, rel=1e-9, abs=1e-9)
+
+
+def test_rmi_config_keys_reach_the_criterion_and_bad_lambda_way_is_rejected() -> None:
+    crit = build_criterion(LossConfig(name="rmi", rmi_lambda=0.3, rmi_lambda_way=0, ocr_aux_rmi=True), 3)
+    assert (crit.loss_weight_lambda, crit.lambda_way, crit.aux_rmi) == (0.3, 0, True)
+    aux, per_scale = aux_criterion(crit), side_criterion(crit)
+    assert (aux.do_rmi, per_scale.do_rmi) == (True, False)
+    assert (aux.loss_weight_lambda, aux.lambda_way) == (0.3, 0)
+    default = build_criterion(LossConfig(name="rmi"), 3)
+    default_aux, default_scale = aux_criterion(default), side_criterion(default)
+    assert (default_aux.do_rmi, default_scale.do_rmi) == (False, False)  # NVIDIA's default: BCE only
+    ce = build_criterion(LossConfig(name="ce"), 3)
+    assert aux_criterion(ce) is ce and side_criterion(ce) is ce
+    with pytest.raises(ConfigError, match="lambda_way=2"):
+        RMICriterion(3, lambda_way=2)
+    from scaleseg.config import from_dict
+    with pytest.raises(ConfigError, match="loss.rmi_lambda_way"):
+        from_dict({"loss": {"rmi_lambda_way": 2}})

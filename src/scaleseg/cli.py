@@ -1,4 +1,4 @@
-"""Command line: ``scaleseg train|eval|predict|autolabel|export|serve|demo``. Any config key can be overridden as key=value."""
+"""Command line: ``scaleseg train|eval|predict|autolabel|export|serve|demo|convert``. Any config key can be overridden as key=value."""
 from __future__ import annotations
 
 import argparse
@@ -78,6 +78,16 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--batch-size", type=int, default=4)
 
     _add_deploy_commands(sub)
+    # --- convert: official checkpoints into run folders (scaleseg.convert) -------------------
+    p = sub.add_parser("convert", help="turn an official EdgeNets / NVIDIA / sssegmentation checkpoint into a run folder")
+    p.add_argument("checkpoint", help="the official .pth file")
+    p.add_argument("items", nargs="*", help="key=value config overrides")
+    p.add_argument("--from", dest="source", required=True, choices=("edgenets", "nvidia", "ssseg"),
+                   help="edgenets: ESPNetv2; nvidia: HRNet-OCR + hierarchical attention; ssseg: MCIBI (DeepLabV3 host)")
+    p.add_argument("--config", required=True, help="YAML config describing the checkpoint's model and dataset")
+    p.add_argument("--out", required=True, help="run folder to write (config.yaml + model.safetensors)")
+    p.add_argument("--quiet", action="store_true")
+    # -------------------------------------------------------------------------------------------
 
     p = sub.add_parser("demo", help="train and evaluate a small model on the embedded ScaleScenes data")
     p.add_argument("overrides", nargs="*")
@@ -129,6 +139,17 @@ def run(argv: list[str] | None = None) -> int:
         print(f"auto-labelled {len(written)} images into {args.out}")
     elif args.command in DEPLOY_COMMANDS:
         _run_deploy(args)
+    elif args.command == "convert":  # --- convert (scaleseg.convert) ---
+        from .convert import convert
+
+        overrides, rest = _split_overrides(args.items)
+        if rest:
+            raise ScalesegError(f"convert takes one checkpoint and key=value overrides, got also: {' '.join(rest)}")
+        out = convert(args.source, args.checkpoint, args.config, args.out, overrides)
+        if not args.quiet:
+            print((out / "config.yaml").read_text(), file=sys.stderr)
+        print(f"wrote {out / 'config.yaml'} and {out / 'model.safetensors'} (from {args.source} {args.checkpoint}); "
+              f"use scaleseg.from_pretrained('{out}') or --checkpoint {out / 'model.safetensors'}")
     elif args.command == "demo":
         from .engine.demo import demo
 

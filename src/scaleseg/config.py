@@ -27,7 +27,11 @@ class HMSAConfig:
     train_scales: list[float] = field(default_factory=lambda: [0.5, 1.0])
     explicit_scales: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
     per_scale_weight: float = 0.05
-    attn_channels: int = 256
+    attn_channels: int = 256  # hierarchical attention head width
+    # explicit baseline's head: "published" = 3×3 → 512, ReLU, 1×1 (Chen et al. / NVIDIA);
+    # "bn" = 3×3 → 256, BN, ReLU, 1×1 (scaleseg's earlier layout)
+    explicit_head: Literal["published", "bn"] = "published"
+    explicit_channels: int | None = None  # None: 512 (published) / 256 (bn)
 
 
 @dataclass
@@ -37,9 +41,15 @@ class MCIBIConfig:
     enabled: bool = False
     channels: int = 512
     momentum: float = 0.9
-    momentum_min_ratio: float = 0.0  # 0.01 reproduces the reference's lr-coupled floor
+    momentum_min_ratio: float = 0.01  # the reference's lr-coupled floor (min_lr = 0.01·lr0)
     init: Literal["mean", "random_pixel"] = "mean"
+    # memory update: full_resolution = the reference's path (features upsampled to label size);
+    # false = fast feature-resolution update with labels brought to the feature grid by label_downsample
     full_resolution: bool = False
+    label_downsample: Literal["soft", "majority", "center"] = "soft"
+    # DeepLabV3 host ASPP projection: 1 (1×1 + dropout 0.1, light) or 3 with aspp_dropout 0 (the reference)
+    aspp_project_kernel: Literal[1, 3] = 1
+    aspp_dropout: float = 0.1
     memory_loss_weight: float = 0.4  # α: CE on the class-probability map W = softmax(H1(R))
     consistency_weight: float = 1.0  # β: representation-consistent learning, CE(H2(M), arange(K))
     consistency_start_epoch: int = 1  # 0-based; the reference skips the first epoch
@@ -61,6 +71,14 @@ class DSRLConfig:
 
 
 @dataclass
+class ESPNetv2Config:
+    """ESPNetv2 head options (``model.arch=espnetv2``)."""
+
+    align_corners: bool = False  # final logits upsampling; EdgeNets' official head: true
+    proj_planes: int | None = None  # pyramid-pool projection width; None: min(K // 2, 16) as EdgeNets
+
+
+@dataclass
 class ModelConfig:
     arch: Literal["deeplabv3plus", "deeplabv3", "fcn", "pspnet", "hrnet_ocr", "espnetv2"] = "deeplabv3plus"
     backbone: str = "resnet50"
@@ -77,6 +95,7 @@ class ModelConfig:
     hmsa: HMSAConfig = field(default_factory=HMSAConfig)
     mcibi: MCIBIConfig = field(default_factory=MCIBIConfig)
     dsrl: DSRLConfig = field(default_factory=DSRLConfig)
+    espnetv2: ESPNetv2Config = field(default_factory=ESPNetv2Config)
 
 
 @dataclass
@@ -128,6 +147,10 @@ class LossConfig:
     class_weights: list[float] | None = None
     ohem_thresh: float = 0.7
     ohem_min_kept: int = 100_000
+    # RMI, with NVIDIA's meanings: lambda_way 1 → λ·BCE + (1 − λ)·RMI, 0 → BCE + λ·RMI
+    rmi_lambda: float = 0.5  # NVIDIA RMILoss loss_weight_lambda
+    rmi_lambda_way: Literal[0, 1] = 1  # NVIDIA RMILoss lambda_way
+    ocr_aux_rmi: bool = False  # NVIDIA --ocr_aux_loss_rmi: aux logits get BCE + RMI (per-scale terms stay BCE)
 
 
 @dataclass

@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from ..config import Config
 from ..data.base import read_image
+from ..data.spec import DatasetSpec
 from ..errors import DataError
 from ..metrics import format_table
 from ..models.dsrl import count_flops
@@ -32,6 +33,26 @@ def load_trained(cfg: Config, checkpoint: str | Path) -> tuple[Any, SegDataModul
     load_model_weights(model, checkpoint)
     dm.set_normalization(model.mean, model.std)
     return model, dm
+
+
+def label_spec(cfg: Config) -> DatasetSpec:
+    """Classes and palette of the configured dataset. Cityscapes, CamVid, ADE20K, ScaleScenes and a
+    ``folder`` dataset with ``data.classes`` need no files, so ``predict`` can label images from
+    anywhere (e.g. a model converted from official weights, with no copy of its dataset); Mapillary
+    (and a folder dataset without ``data.classes``) reads the dataset."""
+    from ..data.ade20k import ADE20K
+    from ..data.camvid import CAMVID
+    from ..data.cityscapes import CITYSCAPES
+    from ..data.folder import make_spec
+    from ..data.scalescenes import SCALESCENES
+
+    static = {"cityscapes": CITYSCAPES, "camvid": CAMVID, "ade20k": ADE20K, "scalescenes": SCALESCENES}
+    d = cfg.data
+    if d.dataset in static:
+        return static[d.dataset]
+    if d.dataset == "folder" and d.classes:
+        return make_spec(d.classes, d.palette, d.ignore_index if d.ignore_index is not None else 255)
+    return SegDataModule(cfg).spec
 
 
 def evaluate(cfg: Config, checkpoint: str | Path, out_dir: str | Path, dump_scales: int = 0) -> dict[str, Any]:
@@ -111,11 +132,13 @@ def predict(cfg: Config, checkpoint: str | Path, inputs: Sequence[str | Path], o
     """Write ``<name>_label.png`` (ids), ``<name>_color.png`` (palette PNG) and ``<name>_overlay.png``
     per image, in batches of equal-size images, with a progress bar. Labels are at the model's output
     resolution (a DSRL model: 1/lr_scale × the input; the overlay shows the upsampled image)."""
-    model, dm = load_trained(cfg, checkpoint)
+    spec = label_spec(cfg)
+    model = create_model(cfg, spec.num_classes)
+    load_model_weights(model, checkpoint)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).eval()
     infer = make_predictor(model, cfg)
-    palette = dm.spec.palette_array()
+    palette = spec.palette_array()
     files = collect_images(inputs)
     out = Path(out_dir)
     written: list[Path] = []

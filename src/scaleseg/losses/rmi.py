@@ -1,8 +1,10 @@
 """Region Mutual Information loss (Zhao et al. 2019) and HMSA's combined BCE + RMI criterion.
 
 Follows NVIDIA/semantic-segmentation ``loss/rmi.py`` (defaults of every HMSA recipe: radius 3,
-4×4 average pooling with stride 4 and padding 2, jitter 5e-4, ``lambda_way=1``), with these
-deliberate differences from the reference code:
+4×4 average pooling with stride 4 and padding 2, jitter 5e-4, ``loss_weight_lambda=0.5``,
+``lambda_way=1``). ``loss_weight_lambda`` and ``lambda_way`` mean what they mean in NVIDIA's code,
+so a reference config value can be copied: ``lambda_way=1`` gives ``λ·BCE + (1 − λ)·RMI``,
+``lambda_way=0`` gives ``BCE + λ·RMI``. Deliberate differences from the reference code:
 
 * ``ignore_index`` is honoured: a pixel is valid iff ``0 <= label < num_classes`` **and**
   ``label != ignore_index`` (the reference only tests ``label < num_classes``, so an ignore value
@@ -21,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from scaleseg.errors import DataError
+from scaleseg.errors import ConfigError, DataError
 
 __all__ = ["RMICriterion", "sigmoid_bce", "rmi_lower_bound", "valid_onehot"]
 
@@ -105,13 +107,17 @@ def rmi_lower_bound(
 
 
 class RMICriterion(nn.Module):
-    """HMSA's criterion: ``0.5·BCE + 0.5·RMI`` (``do_rmi=True``) or BCE only (``do_rmi=False``).
+    """HMSA's criterion: BCE + RMI (``do_rmi=True``) or BCE only (``do_rmi=False``).
 
     ``forward(logits B×K×H×W, target B×H×W int64, do_rmi=None) -> scalar``; ``do_rmi=None`` uses the
     instance default. BCE is the per-class sigmoid BCE of :func:`sigmoid_bce`; RMI is
-    :func:`rmi_lower_bound` on ``sigmoid(logits)·valid + 1e-6``. The reference recipe supervises
-    the main fused logits with both terms and the aux / per-scale logits with BCE only
-    (``RMICriterion(..., do_rmi=False)`` or ``criterion.bce_only()``).
+    :func:`rmi_lower_bound` on ``sigmoid(logits)·valid + 1e-6``. They are combined as NVIDIA's
+    ``RMILoss``: ``lambda_way=1`` → ``λ·BCE + (1 − λ)·RMI`` (default, λ = 0.5), ``lambda_way=0`` →
+    ``BCE + λ·RMI``, with λ = ``loss_weight_lambda``.
+
+    Side terms (NVIDIA ``MscaleOCR``): per-scale terms are always BCE only (:meth:`bce_only`); the aux
+    term is BCE only unless ``aux_rmi`` (NVIDIA ``--ocr_aux_loss_rmi``), see :meth:`aux_part` and
+    :func:`scaleseg.models.segmentor.aux_criterion`.
 
     Differences from the reference (see module docstring): ``ignore_index`` honoured; CPU and CUDA;
     autocast disabled inside. **Negative values are expected** (the RMI term is a log-determinant).
@@ -127,23 +133,45 @@ class RMICriterion(nn.Module):
         radius: int = 3,
         pool_size: int = 4,
         pool_stride: int = 4,
-        rmi_weight: float = 0.5,
+        loss_weight_lambda: float = 0.5,
+        lambda_way: int = 1,
+        aux_rmi: bool = False,
     ) -> None:
         super().__init__()
+        if lambda_way not in (0, 1):
+            raise ConfigError(f"RMI lambda_way={lambda_way!r}: expected 0 (BCE + λ·RMI) or 1 (λ·BCE + (1 − λ)·RMI)")
         self.num_classes = num_classes
         self.ignore_index = ignore_index
         self.do_rmi = do_rmi
         self.radius = radius
         self.pool_size = pool_size
         self.pool_stride = pool_stride
-        self.rmi_weight = rmi_weight
+        self.loss_weight_lambda = float(loss_weight_lambda)
+        self.lambda_way = int(lambda_way)
+        self.aux_rmi = bool(aux_rmi)
+
+    def _copy(self, do_rmi: bool) -> RMICriterion:
+        return RMICriterion(
+            self.num_classes, self.ignore_index, do_rmi=do_rmi, radius=self.radius,
+            pool_size=self.pool_size, pool_stride=self.pool_stride,
+            loss_weight_lambda=self.loss_weight_lambda, lambda_way=self.lambda_way, aux_rmi=self.aux_rmi,
+        )
 
     def bce_only(self) -> RMICriterion:
-        """A copy of this criterion with ``do_rmi=False`` (for aux and per-scale terms)."""
-        return RMICriterion(
-            self.num_classes, self.ignore_index, do_rmi=False, radius=self.radius,
-            pool_size=self.pool_size, pool_stride=self.pool_stride, rmi_weight=self.rmi_weight,
-        )
+        """A copy of this criterion with ``do_rmi=False`` (the per-scale terms; aux unless ``aux_rmi``)."""
+        return self._copy(do_rmi=False)
+
+    def aux_part(self) -> RMICriterion:
+        """The criterion for aux logits: BCE + RMI with ``aux_rmi`` (NVIDIA ``--ocr_aux_loss_rmi``),
+        else BCE only (NVIDIA's default)."""
+        return self._copy(do_rmi=self.aux_rmi)
+
+    def combine(self, bce: Tensor, rmi: Tensor) -> Tensor:
+        """NVIDIA's weighting of the two terms (see the class docstring)."""
+        lam = self.loss_weight_lambda
+        if self.lambda_way:
+            return lam * bce + (1.0 - lam) * rmi
+        return bce + lam * rmi
 
     def forward(self, logits: Tensor, target: Tensor, do_rmi: bool | None = None) -> Tensor:
         _check_shapes(logits, target, self.num_classes)
@@ -157,4 +185,5 @@ class RMICriterion(nn.Module):
                 return bce
             probs = torch.sigmoid(logits) * mask + _CLIP_MIN
             rmi = rmi_lower_bound(onehot, probs, self.radius, self.pool_size, self.pool_stride)
-            return (1.0 - self.rmi_weight) * bce + self.rmi_weight * rmi.to(logits.dtype)
+            return self.combine(bce, rmi.to(logits.dtype))
+

@@ -48,12 +48,15 @@ class Grid:
     ``input_size`` (h, w) is the input as given; ``padded_size`` the size the backbone saw (the
     input zero-padded at the bottom/right to a multiple of the stride, or the input itself when the
     model stretches instead of padding); ``scale`` the output resolution over the input resolution
-    (1, or 1/lr_scale for DSRL). ``output_size`` = ``scale × input_size``.
+    (1, or 1/lr_scale for DSRL). ``output_size`` = ``scale × input_size``. ``align_corners``: how
+    :meth:`to_output` interpolates (False everywhere except a model that reproduces EdgeNets'
+    ESPNetv2 head, whose final upsampling uses True).
     """
 
     input_size: tuple[int, int]
     padded_size: tuple[int, int]
     scale: int = 1
+    align_corners: bool = False
 
     @property
     def output_size(self) -> tuple[int, int]:
@@ -65,10 +68,10 @@ class Grid:
 
     def to_output(self, t: Tensor, size: Sequence[int] | None = None) -> Tensor:
         """A map covering the padded input (any resolution) → the output grid: bilinear
-        (``align_corners=False``) to ``scale × padded_size``, cropped to ``size`` (default
-        ``output_size``; a DSRL label may be a pixel smaller than ``scale × input``)."""
+        (``align_corners`` of the grid, normally False) to ``scale × padded_size``, cropped to ``size``
+        (default ``output_size``; a DSRL label may be a pixel smaller than ``scale × input``)."""
         h, w = (int(size[0]), int(size[1])) if size is not None else self.output_size
-        return resize(t, self.padded_output_size)[..., :h, :w]
+        return resize(t, self.padded_output_size, align_corners=self.align_corners)[..., :h, :w]
 
     def pad_mask(self, mask: Tensor, ignore_index: int) -> Tensor:
         """``B×h×w`` labels of the output area → labels of the padded output area (pad = ignore)."""
@@ -102,12 +105,12 @@ def merge_losses(own: dict[str, Tensor], inner: dict[str, Tensor]) -> dict[str, 
     return {**own, **inner}
 
 
-def resize(t: Tensor, size: Sequence[int]) -> Tensor:
-    """Bilinear (``align_corners=False``) resize of ``B×C×h×w`` to ``size``; identity if equal."""
+def resize(t: Tensor, size: Sequence[int], *, align_corners: bool = False) -> Tensor:
+    """Bilinear (``align_corners=False`` unless asked) resize of ``B×C×h×w`` to ``size``; identity if equal."""
     size = (int(size[0]), int(size[1]))
     if same_size(t.shape[-2:], size):
         return t
-    return F.interpolate(t, size=size, mode="bilinear", align_corners=False)
+    return F.interpolate(t, size=size, mode="bilinear", align_corners=align_corners)
 
 
 def supervise(criterion: nn.Module, logits: Tensor, mask: Tensor) -> Tensor:

@@ -22,9 +22,17 @@ change (``base_net.`` → ``backbone.``, decoder modules → ``head.``); see
 * the input reinforcement pools the image a fixed number of times (level index) instead of looping
   until the widths match (same result for every size, no infinite loop on non-square inputs);
 * the final upsampling to the input size is done by ``SegmentationModel`` with
-  ``align_corners=False`` (EdgeNets: ``True``);
+  ``align_corners=False`` by default; EdgeNets uses ``True``. ``align_corners=True`` on the head
+  (config ``model.espnetv2.align_corners``, set by ``scaleseg convert --from edgenets``) reproduces
+  the official output: with the official Cityscapes checkpoints the logits then equal EdgeNets'
+  exactly, while ``False`` moves them by up to 1.6 and changes the argmax of 0.2–0.7 % of the pixels
+  of CamVid street images (``docs/fidelity.md``). ``False`` stays the default for models trained here
+  because it is the convention of every other scaleseg model;
 * ``num_classes`` is the real number of classes (EdgeNets' Cityscapes model has 20 outputs, the 20th
-  a zero-weight "background"; here void pixels are label 255 and ignored).
+  a "background" class that its evaluation maps to void; here void pixels are label 255 and
+  ignored). The pyramid-pool projection width is ``min(K // 2, 16)`` in EdgeNets, so a 19-class head
+  needs ``proj_planes=10`` to take the 20-output checkpoint (:func:`scaleseg.convert.convert_edgenets`
+  drops the background output row).
 """
 from __future__ import annotations
 
@@ -363,16 +371,25 @@ class ESPNetv2Head(nn.Module):
     ``feats`` is the 32-channel decoder feature fed to the last block. Head attributes as in
     ``scaleseg.models.heads``: ``context()``/``decode()``, ``context_channels``, ``feat_channels``,
     ``feature_index`` (0: logits at the backbone's level-1 stride), ``num_classes``.
+
+    ``proj_planes``: width of every pyramid-pool projection (EdgeNets: ``min(K // 2, base_planes)``,
+    the default). ``align_corners``: how ``SegmentationModel`` upsamples the stride-2 logits to the
+    input (attribute ``upsample_align_corners``; EdgeNets: True, scaleseg default False).
     """
 
-    def __init__(self, in_channels: Sequence[int], num_classes: int, *, base_planes: int = 16) -> None:
+    def __init__(self, in_channels: Sequence[int], num_classes: int, *, base_planes: int = 16,
+                 proj_planes: int | None = None, align_corners: bool = False) -> None:
         super().__init__()
         if len(in_channels) != 4:
             raise ConfigError(f"ESPNetv2Head: expected the 4 encoder levels' channels, got {list(in_channels)}")
         if num_classes < 2:
             raise ConfigError(f"ESPNetv2Head: num_classes={num_classes}, expected ≥ 2")
+        if proj_planes is not None and proj_planes < 1:
+            raise ConfigError(f"ESPNetv2Head: proj_planes={proj_planes}, expected ≥ 1")
         planes = [4 * base_planes, 3 * base_planes, 2 * base_planes, num_classes]
-        proj = min(num_classes // 2, base_planes)
+        proj = proj_planes if proj_planes is not None else min(num_classes // 2, base_planes)
+        self.proj_planes = proj
+        self.upsample_align_corners = bool(align_corners)
         self.bu_dec_l1 = EfficientPyrPool(in_channels[3], proj, planes[0])
         self.bu_dec_l2 = EfficientPyrPool(planes[0], proj, planes[1])
         self.bu_dec_l3 = EfficientPyrPool(planes[1], proj, planes[2])
@@ -413,15 +430,18 @@ class ESPNetv2Head(nn.Module):
 
 
 # --------------------------------------------------------------------------- assembly
-def espnetv2_seg(num_classes: int, s: float = 2.0, *, criterion: nn.Module | None = None) -> nn.Module:
+def espnetv2_seg(num_classes: int, s: float = 2.0, *, criterion: nn.Module | None = None,
+                 proj_planes: int | None = None, align_corners: bool = False) -> nn.Module:
     """ESPNetv2 segmentation network as a ``SegmentationModel`` (logits at the input size).
 
+    ``proj_planes`` / ``align_corners``: see :class:`ESPNetv2Head` (EdgeNets' official Cityscapes
+    model as 19 classes: ``proj_planes=10, align_corners=True``).
     Parameters for s = 2.0: 0.79 M with EdgeNets' 20 Cityscapes outputs (see ``tests/test_espnetv2.py``).
     """
     from scaleseg.models.segmentor import SegmentationModel
 
     backbone = ESPNetv2Backbone(s)
-    head = ESPNetv2Head(backbone.channels, num_classes)
+    head = ESPNetv2Head(backbone.channels, num_classes, proj_planes=proj_planes, align_corners=align_corners)
     return SegmentationModel(backbone, head, num_classes, criterion=criterion)
 
 
@@ -430,7 +450,9 @@ def edgenets_key_map(key: str) -> str:
 
     ``base_net.level1.conv.weight`` → ``backbone.level1.conv.weight``;
     ``bu_dec_l1.stages.0.weight`` → ``head.bu_dec_l1.stages.0.weight``.
-    (Not verified against a real checkpoint here: none is available offline.)
+    Verified against the two official Cityscapes checkpoints (``espnetv2_s_2.0_city_{512x256,
+    1024x512}.pth``, 526 tensors each): every key maps onto a key of ``espnetv2_seg(20, 2.0)`` with
+    the same shape and none is left over (``tests/test_convert.py``).
     """
     if key.startswith("base_net."):
         return "backbone." + key[len("base_net."):]

@@ -28,7 +28,8 @@ def build_criterion(loss: LossConfig, num_classes: int) -> nn.Module:
     if loss.name == "rmi":
         from ..losses.rmi import RMICriterion
 
-        return RMICriterion(num_classes)
+        return RMICriterion(num_classes, loss_weight_lambda=loss.rmi_lambda, lambda_way=loss.rmi_lambda_way,
+                            aux_rmi=loss.ocr_aux_rmi)
     raise ConfigError(f"config key 'loss.name' = {loss.name!r}: expected 'ce', 'ohem' or 'rmi'")
 
 
@@ -75,7 +76,8 @@ def build_mcibi_model(cfg: Config, num_classes: int, criterion: nn.Module) -> nn
         aux_head=m.aux_head, aux_weight=m.aux_weight, memory_loss_weight=mc.memory_loss_weight,
         consistency_weight=mc.consistency_weight, consistency_start_epoch=mc.consistency_start_epoch,
         stride8_weight=mc.stride8_weight, momentum=mc.momentum, momentum_min_ratio=mc.momentum_min_ratio,
-        memory_init=mc.init, full_resolution=mc.full_resolution, input_fit=m.input_fit,
+        memory_init=mc.init, full_resolution=mc.full_resolution, label_downsample=mc.label_downsample,
+        aspp_project_kernel=mc.aspp_project_kernel, aspp_dropout=mc.aspp_dropout, input_fit=m.input_fit,
     )
 
 
@@ -90,7 +92,8 @@ def build_segmentation_model(cfg: Config, num_classes: int) -> nn.Module:
 
         if m.input_fit != "pad":
             raise ConfigError(f"config key 'model.input_fit' = {m.input_fit!r} is not supported by model.arch 'espnetv2'; use 'pad'")
-        return espnetv2_seg(num_classes, s=m.width, criterion=criterion)
+        return espnetv2_seg(num_classes, s=m.width, criterion=criterion, proj_planes=m.espnetv2.proj_planes,
+                            align_corners=m.espnetv2.align_corners)
     if m.arch == "hrnet_ocr":
         from .ocr import hrnet_ocr
 
@@ -133,7 +136,8 @@ def wrap_multiscale(base: nn.Module, cfg: Config) -> nn.Module:
                                      per_scale_weight=h.per_scale_weight, aux_weight=m.aux_weight,
                                      attn_bottleneck=h.attn_channels)
     return ExplicitAttention(base, attn_in, h.explicit_scales, per_scale_weight=h.per_scale_weight,
-                             aux_weight=m.aux_weight, attn_bottleneck=h.attn_channels)
+                             aux_weight=m.aux_weight, head_layout=h.explicit_head,
+                             attn_bottleneck=h.explicit_channels)
 
 
 def wrap_dsrl(base: nn.Module, cfg: Config) -> nn.Module:

@@ -30,7 +30,7 @@ from scaleseg.inference import scale_pooling
 from scaleseg.models.backbone import Backbone
 from scaleseg.models.heads import DeepLabV3PlusHead
 from scaleseg.models.contract import ContractModel, Run, inner_runs, merge_losses, resize, supervise
-from scaleseg.models.segmentor import SegmentationModel, side_criterion
+from scaleseg.models.segmentor import SegmentationModel, aux_criterion, side_criterion
 from scaleseg.types import StepInfo
 
 __all__ = [
@@ -38,6 +38,7 @@ __all__ = [
     "HierarchicalAttention",
     "ScalePooling",
     "ExplicitAttention",
+    "EXPLICIT_HEADS",
     "scale_key",
     "check_scales",
     "deeplabv3plus_os8",
@@ -161,9 +162,15 @@ class _ScaleWrapper(ContractModel):
         return crit
 
     def side_criterion(self) -> nn.Module:
-        """Criterion for aux and per-scale terms: ``aux_criterion=``, else BCE only for RMI, else main."""
+        """Criterion for the aux term: ``aux_criterion=``, else :func:`~scaleseg.models.segmentor.aux_criterion`
+        of the main one (RMI: BCE only, or BCE + RMI with ``aux_rmi``, NVIDIA ``--ocr_aux_loss_rmi``)."""
         if self.aux_criterion is not None:
             return self.aux_criterion
+        return aux_criterion(self.main_criterion())
+
+    def scale_criterion(self) -> nn.Module:
+        """Criterion for the per-scale terms: BCE only under RMI whatever the aux criterion (NVIDIA
+        hard-codes ``do_rmi=False`` there), else the main criterion."""
         return side_criterion(self.main_criterion())
 
     def _base_run(self, x: Tensor, scale: float) -> Run:
@@ -187,7 +194,7 @@ class _ScaleWrapper(ContractModel):
         mask = batch["mask"]
         losses: dict[str, Tensor] = {}
         if self.per_scale_weight > 0:
-            crit = self.side_criterion()
+            crit = self.scale_criterion()
             for run in runs:
                 for inner in run.out["runs"]:
                     logits = inner.out["logits"]
@@ -234,7 +241,8 @@ class HierarchicalAttention(_ScaleWrapper):
     ``pred_<s>x`` (``per_scale_weight ×`` side criterion on each unfused scale, upsampled to the label
     size first; omitted at weight 0), then the base's method terms for both runs (an MCIBI base:
     its memory terms, averaged over the two scales). The criterion is ``criterion=`` or the base's;
-    with an :class:`RMICriterion` the side terms use its BCE part only, as in the reference recipe.
+    with an :class:`~scaleseg.losses.rmi.RMICriterion` the per-scale terms use its BCE part only and
+    the aux term too unless ``aux_rmi`` (NVIDIA ``--ocr_aux_loss_rmi``), as in the reference recipe.
     State updates go to the base with both runs; an MCIBI base updates its memory from the 1.0 run.
     """
 
@@ -391,18 +399,29 @@ class ScalePooling(_ScaleWrapper):
         self.base.update_state(runs, batch, step)
 
 
+EXPLICIT_HEADS = ("published", "bn")
+
+
 class ExplicitAttention(_ScaleWrapper):
     """Explicit scale attention (Chen et al. 2016, "Attention to Scale"), the HMSA paper's baseline.
 
     Runs the base at every scale in ``scales`` (training and inference alike), resizes each scale's
-    ``feats`` to the 1.0 feature size, concatenates them and predicts one map per scale with
-    3×3 conv → ``attn_bottleneck`` (no bias), BN, ReLU, 1×1 conv → ``S`` (no bias), **softmax over
-    scales**; the maps are upsampled to the 1.0 input size and the output is
-    ``Σ_s w_s · Resize(p_s)`` on logits (aux fused with the same weights).
+    ``feats`` to the 1.0 feature size, concatenates them and predicts one map per scale, **softmax over
+    scales**; the maps are upsampled to the 1.0 input size and the output is ``Σ_s w_s · Resize(p_s)``
+    on logits (aux fused with the same weights).
 
-    Deliberately differs from NVIDIA's ``attnscale.ASDV3P``, which is broken (hmsa.md §2.6): no
-    ``padding=1`` on the 1×1 conv (which grew the map by 2 px per side), proper softmax
-    normalisation across scales instead of raw weights, and ``forward`` returns logits.
+    Attention head (``head_layout``; ``attn_bottleneck`` defaults to 512 / 256):
+
+    * ``"published"`` (default): 3×3 conv → 512 (no bias), ReLU, 1×1 conv → ``S`` (no bias) — Chen
+      et al.'s head and NVIDIA's ``attnscale.ASDV3P`` default (``ATTNSCALE_BN_HEAD`` off);
+    * ``"bn"``: 3×3 conv → 256 (no bias), BN, ReLU, 1×1 conv → ``S`` — scaleseg's earlier layout,
+      kept for its checkpoints (it matches neither reference).
+
+    Deliberately differs from NVIDIA's ``ASDV3P``, which is broken (hmsa.md §2.6): its final 1×1 conv
+    has ``padding=1``, so the map grows by 2 px per side (h×w → (h+2)×(w+2)) and is then stretched back
+    to the image, shifting every weight by about one feature pixel; it also multiplies the logits by the
+    raw maps without normalising across scales, and ``forward`` returns a tuple. Here the 1×1 conv has
+    no padding, the maps are softmax-normalised and ``forward`` returns logits.
 
     ``forward_features(x, return_scales=False)`` → ``{"logits", "aux"?, "feats" (1.0 scale)}``; with
     ``return_scales`` also ``"weights"`` (``B×S×H×W``, scales in the given order) and
@@ -421,20 +440,26 @@ class ExplicitAttention(_ScaleWrapper):
         aux_weight: float = 0.4,
         criterion: nn.Module | None = None,
         aux_criterion: nn.Module | None = None,
-        attn_bottleneck: int = 256,
+        head_layout: str = "published",
+        attn_bottleneck: int | None = None,
     ) -> None:
         super().__init__(
             base, aux_weight=aux_weight, per_scale_weight=per_scale_weight,
             criterion=criterion, aux_criterion=aux_criterion,
         )
+        if head_layout not in EXPLICIT_HEADS:
+            raise ConfigError(f"explicit attention head_layout={head_layout!r}: expected one of {', '.join(EXPLICIT_HEADS)}")
         self.scales = check_scales(scales, "scales")
+        self.head_layout = head_layout
         n = len(self.scales)
-        self.scale_attn = nn.Sequential(OrderedDict([
-            ("conv0", nn.Conv2d(n * attn_in_channels, attn_bottleneck, 3, padding=1, bias=False)),
-            ("bn0", nn.BatchNorm2d(attn_bottleneck)),
-            ("re0", nn.ReLU(inplace=True)),
-            ("conv1", nn.Conv2d(attn_bottleneck, n, 1, bias=False)),
-        ]))
+        width = attn_bottleneck or (512 if head_layout == "published" else 256)
+        layers: list[tuple[str, nn.Module]] = [
+            ("conv0", nn.Conv2d(n * attn_in_channels, width, 3, padding=1, bias=False))
+        ]
+        if head_layout == "bn":
+            layers.append(("bn0", nn.BatchNorm2d(width)))
+        layers += [("re0", nn.ReLU(inplace=True)), ("conv1", nn.Conv2d(width, n, 1, bias=False))]
+        self.scale_attn = nn.Sequential(OrderedDict(layers))
 
     def forward_features(self, x: Tensor, return_scales: bool = False) -> dict[str, Any]:
         """``B×3×H×W`` → softmax-over-scales fused logits ``B×K×H×W`` (see class docstring)."""

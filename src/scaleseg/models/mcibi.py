@@ -15,10 +15,12 @@ Deliberate differences from the reference code (``SegmentationBLWX/sssegmentatio
 
 * the memory is a pair of buffers (``memory`` K×C float32, ``initialized`` K bool) updated in place
   with ``copy_``; "empty" is an explicit flag, not an all-zero vector;
-* the update is one vectorised segment-sum pass (no Python loop over ``unique()`` classes), by
-  default at feature resolution with nearest-downsampled labels (``full_resolution=True`` upsamples
-  features bilinearly to label size as the reference does, one image at a time);
-* the ``(1 − cos)`` normalisation has an ``eps`` (the reference divides 0/0 when all cos = 1);
+* the update is one vectorised segment-sum pass (no Python loop over ``unique()`` classes), either
+  at full resolution (``full_resolution=True``: features bilinearly upsampled to label size, one
+  image at a time — the reference's path, used by the reproduction recipes) or, faster, at feature
+  resolution with each feature pixel weighted by its cell's label counts (``label_downsample``);
+* classes whose pixels are all (numerically) parallel to their memory vector, Σ(1 − cos) <
+  ``degenerate_tol``, take the plain class mean as R′ (the reference divides 0/0 there);
 * the momentum is an explicit schedule of the step (:meth:`FeatureMemory.momentum_at`), not
   ``0.9·lr/base_lr`` read from the optimiser;
 * under DDP the per-class *sums* are all-reduced before one EMA step (the reference averages whole
@@ -50,6 +52,8 @@ from .contract import Grid, Run, supervise
 from .segmentor import SegmentationModel
 
 InitMode = Literal["mean", "random_pixel"]
+LabelDownsample = Literal["soft", "majority", "center"]
+LABEL_DOWNSAMPLE = ("soft", "majority", "center")
 
 
 # --------------------------------------------------------------------------------------------
@@ -85,18 +89,33 @@ class FeatureMemory(nn.Module):
     ``load_state_dict``; no gradient ever reaches them.
 
     Update (:meth:`update`, every training step, after the forward): for the valid pixels r_i of
-    class k, ``w_i = (1 − cos(r_i, M_k)) / (Σ_j (1 − cos(r_j, M_k)) + eps)``, ``R′_k = Σ_i w_i r_i``
-    and ``M_k ← (1 − m)·M_k + m·R′_k`` for initialised classes present in the batch, with
-    ``m = momentum_at(step)``. A class seen for the first time is set to the mean of its features
-    (``init="mean"``, the reference code) or to one random pixel of the class
-    (``init="random_pixel"``, the paper's text), without EMA that step. Classes absent from the
-    batch are unchanged. ``eps`` only matters when Σ(1 − cos) is tiny (all pixels parallel to M_k;
-    the reference gives NaN there).
+    class k, ``w_i = (1 − cos(r_i, M_k)) / Σ_j (1 − cos(r_j, M_k))``, ``R′_k = Σ_i w_i r_i`` and
+    ``M_k ← (1 − m)·M_k + m·R′_k`` for initialised classes present in the batch, with
+    ``m = momentum_at(step)``. ``1 − cos`` of nearly parallel vectors is computed as ``½‖x̂ − M̂‖²``
+    (never negative, precise). When Σ_j (1 − cos) < ``degenerate_tol`` (every pixel parallel to M_k up to rounding: the
+    reference divides 0/0 and any ε in the denominator shrinks or flips R′), R′_k is the plain class
+    mean. A class seen for the first time is set to the mean of its features (``init="mean"``, the
+    reference code) or to one random pixel of the class (``init="random_pixel"``, the paper's text),
+    without EMA that step. Classes absent from the batch are unchanged.
 
-    Resolution: by default the labels are nearest-downsampled to the feature grid (memory ∝ B·h·w·C).
-    ``full_resolution=True`` upsamples the features bilinearly (``align_corners=False``) to the label
-    size as the reference does, one image at a time, so the peak is one ``C×H×W`` float32 image plus
-    ``chunk_pixels`` rows of float64 temporaries (the reference holds two ``B×C×H×W`` copies).
+    Resolution:
+
+    * ``full_resolution=True`` (the reference's path): the features are upsampled bilinearly
+      (``align_corners=False``) to the label size, one image at a time, so the peak is one
+      ``C×H×W`` float32 image plus ``chunk_pixels`` rows of float64 temporaries (the reference
+      holds two ``B×C×H×W`` copies);
+    * ``full_resolution=False`` (fast, ∝ B·h·w·C): labels are brought to the feature grid by
+      ``label_downsample``: ``"soft"`` (default) — every feature pixel enters the sums of each class
+      in its cell (the ``H/h × W/w`` block of label pixels it covers) with that class's pixel count
+      as multiplicity, i.e. the full-resolution update with piecewise-constant instead of bilinear
+      features; ``"majority"`` — the cell's most frequent valid label (ties: lowest id);
+      ``"center"`` — the label at the cell centre (pixel ``⌊(i + ½)·H/h⌋``), the point bilinear
+      upsampling of the features assumes. Against ``full_resolution`` after 4 updates on CamVid
+      label maps (``benchmarks/mcibi_label_alignment.py``, ``docs/fidelity.md``): max relative L2
+      per class 4.1 % (soft), 12.6 % (center), 42.5 % (majority: thin classes vanish), and 21.1 % for
+      the earlier top-left nearest pick, which sat (s − 1)/2 px off the centre at stride s and is
+      not offered any more.
+      Labels that already have the feature grid's size are used as they are.
 
     DDP: with torch.distributed initialised and world size > 1, the per-class sums
     (Σ(1−cos)·r, Σ(1−cos), Σr, pixel counts) are all-reduced before the single EMA step. The
@@ -104,7 +123,7 @@ class FeatureMemory(nn.Module):
     memory a 1-process update on the concatenated batch would give. ``random_pixel`` draws
     keys from a private CPU generator seeded with ``seed + rank`` (not checkpointed); the pixel with
     the largest key over all ranks wins, i.e. a uniform pick over the global batch, though not the
-    same pixel a 1-process run would pick.
+    same pixel a 1-process run would pick (at feature resolution a feature pixel of the class).
     """
 
     memory: Tensor
@@ -117,11 +136,12 @@ class FeatureMemory(nn.Module):
         *,
         momentum: float = 0.9,
         power: float = 0.9,
-        min_ratio: float = 0.0,
+        min_ratio: float = 0.01,
         init: InitMode = "mean",
         ignore_index: int = 255,
         full_resolution: bool = False,
-        eps: float = 1e-6,
+        label_downsample: LabelDownsample = "soft",
+        degenerate_tol: float = 1e-5,
         seed: int = 0,
         chunk_pixels: int = 32768,
     ) -> None:
@@ -134,6 +154,12 @@ class FeatureMemory(nn.Module):
             raise ConfigError(f"FeatureMemory: min_ratio={min_ratio}; expected a value in [0, 1]")
         if init not in ("mean", "random_pixel"):
             raise ConfigError(f"FeatureMemory: init={init!r}; expected 'mean' or 'random_pixel'")
+        if label_downsample not in LABEL_DOWNSAMPLE:
+            raise ConfigError(
+                f"FeatureMemory: label_downsample={label_downsample!r}; expected one of {', '.join(LABEL_DOWNSAMPLE)}"
+            )
+        if degenerate_tol < 0:
+            raise ConfigError(f"FeatureMemory: degenerate_tol={degenerate_tol}; expected >= 0")
         if chunk_pixels < 1:
             raise ConfigError(f"FeatureMemory: chunk_pixels={chunk_pixels}; expected >= 1")
         self.num_classes = num_classes
@@ -144,7 +170,8 @@ class FeatureMemory(nn.Module):
         self.init = init
         self.ignore_index = ignore_index
         self.full_resolution = full_resolution
-        self.eps = eps
+        self.label_downsample = label_downsample
+        self.degenerate_tol = degenerate_tol
         self.seed = seed
         self.chunk_pixels = chunk_pixels
         self._generator: torch.Generator | None = None
@@ -154,18 +181,18 @@ class FeatureMemory(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"num_classes={self.num_classes}, channels={self.channels}, momentum={self.base_momentum}, "
-            f"init={self.init!r}, full_resolution={self.full_resolution}"
+            f"init={self.init!r}, full_resolution={self.full_resolution}, label_downsample={self.label_downsample!r}"
         )
 
     # -- schedule ---------------------------------------------------------------------------
     def momentum_at(self, step: int, max_steps: int) -> float:
         """EMA momentum at ``step``: ``m0 · [(1 − r)·(1 − t/T)^power + r]`` with ``r = min_ratio``.
 
-        With the default ``r = 0`` this is ``m0·(1 − t/T)^0.9``. The reference instead uses
-        ``m0 · lr(t) / base_lr`` read from the optimiser; with its poly scheduler
-        (``min_lr = 0.01·lr0``) and ``base_lr = lr0`` that equals this formula with
-        ``min_ratio=0.01`` — but it also follows any LR warm-up and gives ``m(0) = 1`` on configs
-        where ``base_lr = 0.9·lr0``. Here the schedule is explicit and independent of the optimiser.
+        The reference instead uses ``m0 · lr(t) / base_lr`` read from the optimiser; with its poly
+        scheduler (``min_lr = 0.01·lr0``) and ``base_lr = lr0`` that equals this formula with the
+        default ``min_ratio=0.01`` (end-of-training momentum 0.0108 at T = 1000; ``r = 0`` would give
+        0.0018). It also follows any LR warm-up, and its Cityscapes configs set ``base_lr = 0.9·lr0``,
+        i.e. ``m0 = 1``. Here the schedule is explicit and independent of the optimiser.
         """
         t = min(max(step / max(max_steps, 1), 0.0), 1.0)
         return self.base_momentum * ((1.0 - self.min_ratio) * (1.0 - t) ** self.power + self.min_ratio)
@@ -193,15 +220,13 @@ class FeatureMemory(nn.Module):
     @torch.no_grad()
     def batch_statistics(self, feats: Tensor, labels: Tensor) -> dict[str, Tensor]:
         """Per-class sums over the local batch (not reduced): ``wsum`` K×C = Σ(1−cos)·r,
-        ``wtot`` K = Σ(1−cos), ``fsum`` K×C = Σr, ``count`` K, and for ``random_pixel`` init
-        ``key`` K (the largest random key, −1 if absent) and ``pick`` K×C (that pixel's feature)."""
+        ``wtot`` K = Σ(1−cos), ``fsum`` K×C = Σr, ``count`` K (pixels), and for ``random_pixel``
+        init ``key`` K (the largest random key, −1 if absent) and ``pick`` K×C (that pixel's feature)."""
         self._check_inputs(feats, labels)
         feats = feats.detach().float()
         labels = labels.detach()
-        if not self.full_resolution and labels.shape[-2:] != feats.shape[-2:]:
-            labels = F.interpolate(labels[:, None].float(), size=feats.shape[-2:], mode="nearest")[:, 0].long()
         k, c, dev, f64 = self.num_classes, self.channels, feats.device, torch.float64
-        unit_memory = F.normalize(self.memory.float(), dim=1, eps=1e-8)
+        unit_memory = F.normalize(self.memory.float(), dim=1, eps=1e-12)
         stats = {
             "wsum": torch.zeros(k, c, device=dev, dtype=f64),
             "wtot": torch.zeros(k, device=dev, dtype=f64),
@@ -212,12 +237,16 @@ class FeatureMemory(nn.Module):
         if need_pick:
             stats["key"] = torch.full((k,), -1.0, dtype=f64, device=dev)
             stats["pick"] = torch.zeros(k, c, device=dev, dtype=f64)
+        same_grid = labels.shape[-2:] == feats.shape[-2:]
         for b in range(feats.shape[0]):  # one image at a time bounds the full-resolution peak
-            self._accumulate_image(stats, feats[b : b + 1], labels[b], unit_memory)
+            if self.full_resolution or same_grid:
+                self._accumulate_image(stats, feats[b : b + 1], labels[b], unit_memory)
+            else:
+                self._accumulate_cells(stats, feats[b], labels[b], unit_memory)
         return stats
 
     def _accumulate_image(self, stats: dict[str, Tensor], feats: Tensor, labels: Tensor, unit_memory: Tensor) -> None:
-        """One image: ``feats`` 1×C×h×w, ``labels`` H×W (already h×w unless full resolution)."""
+        """One image, one label per pixel: ``feats`` 1×C×h×w, ``labels`` H×W (features upsampled to it)."""
         # channels-last so that pixel rows are contiguous (interpolate keeps the format)
         feats = feats.contiguous(memory_format=torch.channels_last)
         if labels.shape[-2:] != feats.shape[-2:]:
@@ -226,37 +255,87 @@ class FeatureMemory(nn.Module):
         flat_labels = labels.flatten()
         for start in range(0, pixels.shape[0], self.chunk_pixels):
             stop = start + self.chunk_pixels
-            self._accumulate(stats, pixels[start:stop], flat_labels[start:stop], unit_memory)
+            y = flat_labels[start:stop]
+            valid = y != self.ignore_index
+            if bool(valid.any()):  # every row is an entry; ignored rows: any class, multiplicity 0
+                self._accumulate(stats, pixels[start:stop], None, torch.where(valid, y, 0).long(),
+                                 valid.double(), unit_memory)
 
-    def _accumulate(self, stats: dict[str, Tensor], x: Tensor, y: Tensor, unit_memory: Tensor) -> None:
-        """Add one chunk of pixels ``x`` N×C with labels ``y`` N to the per-class sums.
+    def _accumulate_cells(self, stats: dict[str, Tensor], feats: Tensor, labels: Tensor, unit_memory: Tensor) -> None:
+        """One image at feature resolution: ``feats`` C×h×w, ``labels`` H×W → entries (feature pixel,
+        class, multiplicity) by ``label_downsample`` (see the class docstring)."""
+        _, h, w = feats.shape
+        height, width = labels.shape
+        pixels = feats.permute(1, 2, 0).reshape(-1, self.channels)  # (h·w)×C
+        dev = labels.device
+        if self.label_downsample == "center":
+            ys = ((torch.arange(h, device=dev) * 2 + 1) * height) // (2 * h)
+            xs = ((torch.arange(w, device=dev) * 2 + 1) * width) // (2 * w)
+            y = labels[ys][:, xs].flatten()
+            valid = y != self.ignore_index
+            rows = valid.nonzero().squeeze(1)
+            weight = torch.ones_like(rows, dtype=torch.float64)
+            cls = y[rows]
+        else:
+            cell = ((torch.arange(height, device=dev) * h) // height)[:, None] * w \
+                + ((torch.arange(width, device=dev) * w) // width)[None, :]
+            bins = self.num_classes * h * w  # one (class, cell) bin per pair; ignored pixels → an extra bin
+            key = torch.where(labels != self.ignore_index, labels.long() * (h * w) + cell, bins)
+            counts = torch.bincount(key.flatten(), minlength=bins + 1)[:bins].view(self.num_classes, h * w)
+            if self.label_downsample == "majority":
+                best, cls_all = counts.max(dim=0)  # ties: the lowest class id
+                rows = (best > 0).nonzero().squeeze(1)
+                cls = cls_all[rows]
+                weight = torch.ones_like(rows, dtype=torch.float64)
+            else:  # soft: every (class, cell) pair with its pixel count
+                cls, rows = counts.nonzero(as_tuple=True)
+                weight = counts[cls, rows].double()
+        if rows.numel():
+            self._accumulate(stats, pixels, rows, cls, weight, unit_memory)
 
-        ``cos_i = ⟨x_i, M̂_{y_i}⟩ / ‖x_i‖`` (M̂ = row-normalised memory; an all-zero row gives 0).
-        ``wsum`` and ``fsum`` come from one sparse ``2K×N`` · ``N×C`` product whose rows are
-        ``y`` (values 1 − cos) and ``K + y`` (values 1), with value 0 for ignored pixels: the same
-        segment sums as ``index_add_``, in one kernel (CPU ``index_add_`` on rows dispatches once
-        per row and is ~4× slower) and without gathering the valid rows first.
-        Sums are float64: a class can cover ~10⁶ pixels at full resolution.
+    def _accumulate(
+        self, stats: dict[str, Tensor], x: Tensor, rows: Tensor | None, cls: Tensor, mult: Tensor, unit_memory: Tensor
+    ) -> None:
+        """Add entries e = (pixel row ``rows[e]`` of ``x`` N×C, class ``cls[e]``, multiplicity
+        ``mult[e]``) to the per-class sums; ``rows=None``: entry e is row e (no gather of ``x``).
+
+        ``1 − cos_e = 1 − ⟨x_r, M̂_k⟩ / ‖x_r‖`` (a zero vector on either side gives cos = 0); where that
+        is below 1e-3 it is recomputed as ``½‖x̂_r − M̂_k‖²`` (x̂, M̂ unit vectors), which keeps its
+        relative precision as the vectors become parallel, whereas the float32 rounding of the first
+        form (~6e-8 per pixel) can exceed the true value and flip its sign.
+        Weight ``mult·(1 − cos)``. ``wsum`` and ``fsum`` come from one sparse ``2K×N`` ·
+        ``N×C`` product whose rows are ``cls`` (values mult·(1 − cos)) and ``K + cls`` (values mult):
+        the same segment sums as ``index_add_``, in one kernel (CPU ``index_add_`` on rows dispatches
+        once per row and is ~4× slower) and without gathering the rows of the sums. Sums are float64:
+        a class can cover ~10⁶ pixels at full resolution.
         """
-        n, k = y.numel(), self.num_classes
-        valid = y != self.ignore_index
-        if n == 0 or not bool(valid.any()):
-            return
-        y = torch.where(valid, y, torch.zeros_like(y))  # ignored pixels: any row, weight 0
-        cos = torch.linalg.vecdot(x, unit_memory[y]) / x.norm(dim=1).clamp_min(1e-8)
-        mask = valid.to(torch.float64)
-        weight = (1.0 - cos).double() * mask
-        rows = torch.cat([y, y + k])
-        cols = torch.arange(n, device=y.device).repeat(2)
-        values = torch.cat([weight, mask])
-        selector = torch.sparse_coo_tensor(torch.stack([rows, cols]), values, (2 * k, n), check_invariants=False)
-        sums = torch.sparse.mm(selector, x.double())
+        k = self.num_classes
+        xe = x if rows is None else x[rows]
+        cols = torch.arange(x.shape[0], device=x.device) if rows is None else rows
+        norm = xe.norm(dim=1).clamp_min(1e-30)
+        unit_rows = unit_memory[cls]
+        one_minus_cos = 1.0 - torch.linalg.vecdot(xe, unit_rows) / norm  # zero vector on either side: 1
+        near = one_minus_cos < 1e-3  # nearly parallel: recompute without the cancellation
+        if bool(near.any()):
+            index = near.nonzero().squeeze(1)
+            diff = unit_rows[index] - xe[index] / norm[index, None]
+            exact = 0.5 * torch.linalg.vecdot(diff, diff)
+            exact = torch.where(unit_rows[index].abs().amax(dim=1) > 0, exact, 1.0)
+            one_minus_cos = one_minus_cos.index_put((index,), exact)
+        weight = mult * one_minus_cos.double()
+        xd = x.double()
+        selector = torch.sparse_coo_tensor(
+            torch.stack([torch.cat([cls, cls + k]), cols.repeat(2)]), torch.cat([weight, mult]),
+            (2 * k, x.shape[0]), check_invariants=False,
+        )
+        sums = torch.sparse.mm(selector, xd)
         stats["wsum"] += sums[:k]
         stats["fsum"] += sums[k:]
-        stats["wtot"].index_add_(0, y, weight)
-        stats["count"].index_add_(0, y, mask)
+        stats["wtot"].index_add_(0, cls, weight)
+        stats["count"].index_add_(0, cls, mult)
         if "key" in stats:
-            self._accumulate_pick(stats, x[valid], y[valid])
+            present = mult > 0
+            self._accumulate_pick(stats, xe[present].double(), cls[present])
 
     def _accumulate_pick(self, stats: dict[str, Tensor], x: Tensor, y: Tensor) -> None:
         """Reservoir-free random pixel per class: keep the pixel with the largest iid uniform key."""
@@ -299,10 +378,13 @@ class FeatureMemory(nn.Module):
         present = stats["count"] > 0
         ema = present & self.initialized
         first = present & ~self.initialized
-        represent = stats["wsum"] / (stats["wtot"] + self.eps)[:, None]
+        mean = stats["fsum"] / stats["count"].clamp_min(1e-12)[:, None]
+        degenerate = stats["wtot"] < self.degenerate_tol  # all pixels parallel to M_k: weights are 0/0
+        weighted = stats["wsum"] / torch.where(degenerate, 1.0, stats["wtot"])[:, None]
+        represent = torch.where(degenerate[:, None], mean, weighted)
         updated = (1.0 - momentum) * memory + momentum * represent
         if self.init == "mean":
-            first_value = stats["fsum"] / stats["count"].clamp_min(1.0)[:, None]
+            first_value = mean
         else:
             first_value = stats.get("pick", torch.zeros_like(memory))
         new = torch.where(ema[:, None], updated, memory)
@@ -480,7 +562,10 @@ class MCIBIHead(nn.Module):
 
     Hosts (the within-image context ``C_wi′``, on the last backbone level):
 
-    * ``"deeplabv3"``: ASPP (rates for ``output_stride``) → ``context_channels``; logits = H2(out);
+    * ``"deeplabv3"``: ASPP (rates for ``output_stride``) → ``context_channels``; logits = H2(out).
+      ``aspp_project_kernel=3, aspp_dropout=0`` is the reference's ASPP (sssegmentation: 3×3 fusion
+      conv, no dropout; 11.80 M projection weights at 5×512 → 512); the default 1×1 + Dropout(0.1)
+      projection (1.31 M) is scaleseg's lighter layout;
     * ``"pspnet"``: PPM → ``context_channels``; logits = H2(out);
     * ``"ocr"``: :class:`OCRContext` → ``context_channels``; logits = H2(out);
     * ``"fcn"``: no within-image context; out = F1; logits = H2(out);
@@ -507,6 +592,8 @@ class MCIBIHead(nn.Module):
         context_channels: int | None = None,
         dropout: float = 0.1,
         memory: FeatureMemory | None = None,
+        aspp_project_kernel: int = 1,
+        aspp_dropout: float = 0.1,
     ) -> None:
         super().__init__()
         if host not in HOSTS:
@@ -518,7 +605,8 @@ class MCIBIHead(nn.Module):
         self.context_module: nn.Module | None = None
         self.decoder: DeepLabV3PlusHead | None = None
         if host == "deeplabv3":
-            self.context_module = ASPP(last, ctx_channels, aspp_dilations(output_stride))
+            self.context_module = ASPP(last, ctx_channels, aspp_dilations(output_stride),
+                                       dropout=aspp_dropout, project_kernel=aspp_project_kernel)
         elif host == "pspnet":
             self.context_module = PPM(last, ctx_channels)
         elif host == "ocr":
@@ -633,10 +721,13 @@ class MCIBIModel(SegmentationModel):
         consistency_start_step: int = 0,
         stride8_weight: float = 0.4,
         momentum: float = 0.9,
-        momentum_min_ratio: float = 0.0,
+        momentum_min_ratio: float = 0.01,
         memory_init: InitMode = "mean",
         full_resolution: bool = False,
+        label_downsample: LabelDownsample = "soft",
         dropout: float = 0.1,
+        aspp_project_kernel: int = 1,
+        aspp_dropout: float = 0.1,
         input_fit: str = "pad",
     ) -> None:
         criterion = criterion if criterion is not None else CrossEntropyLoss()
@@ -648,6 +739,7 @@ class MCIBIModel(SegmentationModel):
             init=memory_init,
             ignore_index=getattr(criterion, "ignore_index", 255),
             full_resolution=full_resolution,
+            label_downsample=label_downsample,
         )
         head = MCIBIHead(
             backbone.channels,
@@ -658,6 +750,8 @@ class MCIBIModel(SegmentationModel):
             context_channels=context_channels,
             dropout=dropout,
             memory=memory,
+            aspp_project_kernel=aspp_project_kernel,
+            aspp_dropout=aspp_dropout,
         )
         aux: nn.Module | None
         if aux_head is True:

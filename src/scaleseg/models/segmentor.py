@@ -15,7 +15,7 @@ from scaleseg.models.contract import ContractModel, Grid, padded_size, supervise
 from scaleseg.models.shapes import same_size
 from scaleseg.types import StepInfo
 
-__all__ = ["INPUT_FITS", "SegmentationModel", "image_to_tensor", "predict_labels", "side_criterion"]
+__all__ = ["INPUT_FITS", "SegmentationModel", "aux_criterion", "image_to_tensor", "predict_labels", "side_criterion"]
 
 INPUT_FITS = ("pad", "stretch")
 
@@ -25,6 +25,14 @@ def side_criterion(criterion: nn.Module) -> nn.Module:
     part only when the main criterion is RMI (``bce_only()``, NVIDIA's recipe), else ``criterion``."""
     bce_only = getattr(criterion, "bce_only", None)
     return bce_only() if bce_only is not None else criterion
+
+
+def aux_criterion(criterion: nn.Module) -> nn.Module:
+    """The criterion of aux logits (aux heads, OCR soft regions, fused HMSA aux): as
+    :func:`side_criterion`, except that an RMI criterion built with ``aux_rmi`` (``loss.ocr_aux_rmi``,
+    NVIDIA's ``--ocr_aux_loss_rmi``) keeps BCE + RMI there (``aux_part()``); per-scale terms stay BCE."""
+    aux_part = getattr(criterion, "aux_part", None)
+    return aux_part() if aux_part is not None else side_criterion(criterion)
 
 
 class SegmentationModel(ContractModel):
@@ -67,7 +75,7 @@ class SegmentationModel(ContractModel):
         self.head = head
         self.aux_head = aux_head
         self.criterion = criterion if criterion is not None else CrossEntropyLoss()
-        self.aux_criterion = side_criterion(self.criterion)
+        self.aux_criterion = aux_criterion(self.criterion)
         self.num_classes = num_classes
         self.aux_weight = aux_weight
         self.aux_index = aux_index
@@ -82,10 +90,12 @@ class SegmentationModel(ContractModel):
         return int(self.head.feat_channels)
 
     def grid(self, x: Tensor, scale: int = 1) -> Grid:
-        """The :class:`Grid` of an input ``x``: padded to the stride (``input_fit="pad"``) or not."""
+        """The :class:`Grid` of an input ``x``: padded to the stride (``input_fit="pad"``) or not;
+        maps reach the output with ``align_corners`` = the head's ``upsample_align_corners`` (default
+        False; EdgeNets' ESPNetv2 head: True)."""
         size = (int(x.shape[-2]), int(x.shape[-1]))
         padded = padded_size(size, self.stride) if self.input_fit == "pad" else size
-        return Grid(size, padded, scale)
+        return Grid(size, padded, scale, align_corners=bool(getattr(self.head, "upsample_align_corners", False)))
 
     def forward_features(
         self,
