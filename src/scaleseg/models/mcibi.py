@@ -49,7 +49,7 @@ from .backbone import Backbone
 from .heads import ASPP, PPM, AuxFCNHead, ConvBNReLU, DeepLabV3PlusHead, aspp_dilations
 from .ocr import SpatialGather, SpatialOCR
 from .contract import Grid, Run, supervise
-from .segmentor import SegmentationModel
+from .segmentor import SegmentationModel, side_criterion
 
 InitMode = Literal["mean", "random_pixel"]
 LabelDownsample = Literal["soft", "majority", "center"]
@@ -794,13 +794,19 @@ class MCIBIModel(SegmentationModel):
         return result
 
     def method_losses(self, runs: Sequence[Run], batch: dict[str, Any], step: StepInfo) -> dict[str, Tensor]:
-        """``memory_ce``, ``ocr_aux`` / ``stride8_ce`` (each the mean over ``runs``) and ``consistency``."""
+        """``memory_ce``, ``ocr_aux`` / ``stride8_ce`` (each the mean over ``runs``) and ``consistency``.
+
+        ``ocr_aux`` (OCR's soft regions) uses the aux criterion, like every aux logit (RMI: BCE, or
+        BCE + RMI with ``loss.ocr_aux_rmi``); H1's and the stride-8 logits use the side criterion
+        (BCE only under RMI)."""
         mask = batch["mask"]
-        weights = {"memory_logits": ("memory_ce", self.memory_loss_weight), "ocr_aux": ("ocr_aux", self.aux_weight),
-                   "stride8_logits": ("stride8_ce", self.stride8_weight)}
+        side = side_criterion(self.criterion)
+        weights = {"memory_logits": ("memory_ce", self.memory_loss_weight, side),
+                   "ocr_aux": ("ocr_aux", self.aux_weight, self.aux_criterion),
+                   "stride8_logits": ("stride8_ce", self.stride8_weight, side)}
         losses: dict[str, Tensor] = {}
-        for key, (name, weight) in weights.items():
-            terms = [supervise(self.aux_criterion, run.out[key], mask) for run in runs if key in run.out]
+        for key, (name, weight, crit) in weights.items():
+            terms = [supervise(crit, run.out[key], mask) for run in runs if key in run.out]
             if terms:
                 losses[name] = weight * torch.stack(terms).mean()
         first = runs[0].out
