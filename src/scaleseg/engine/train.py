@@ -12,6 +12,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from ..config import Config, to_yaml
 from ..errors import CheckpointError
+from ..files import atomic_write_text
 from ..models.factory import create_model
 from .checkpoint import AtomicCheckpointIO, save_weights
 from .datamodule import SegDataModule
@@ -19,10 +20,7 @@ from .task import SegTask
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write_text(path, text)
 
 
 def resolve_resume(resume: str | None, ckpt_dir: Path) -> str | None:
