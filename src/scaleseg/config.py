@@ -139,6 +139,7 @@ class DataConfig:
     class_uniform_tile: int = 1024
     class_uniform_classes: list[int] | None = None
     autolabel: AutolabelConfig = field(default_factory=AutolabelConfig)
+    check: bool = True  # `train` first checks every file (as `scaleseg check-data` does), cached per file
 
 
 @dataclass

@@ -184,7 +184,10 @@ class SegDataset(torch.utils.data.Dataset):
 
     ``pairs`` hold absolute paths; ``name`` in a sample is the image path relative to ``root``.
     A label path of ``None`` (unlabelled images, e.g. a test split) gives an all-ignore mask.
+    ``generated`` is True for datasets that read no files (``check-data`` skips them).
     """
+
+    generated: bool = False
 
     def __init__(
         self,
