@@ -295,17 +295,21 @@ def _oom_hint(command: str | None) -> str:
 
 
 def close_progress_bars() -> None:
-    """Close live tqdm bars (Lightning's too) without redrawing them, so the error starts a clean line."""
+    """Close live tqdm bars (Lightning's too) without redrawing them, so the error starts a clean line
+    and no stale bar is drawn after it."""
     try:
         from tqdm import tqdm
     except ImportError:  # pragma: no cover
         return
-    for bar in list(getattr(tqdm, "_instances", [])):
+    bars = list(getattr(tqdm, "_instances", []))
+    for bar in bars:
         try:
             bar.leave = False
             bar.close()
         except Exception:  # noqa: BLE001 - a broken bar must not hide the error
             pass
+    if bars and not sys.stderr.isatty():
+        print(file=sys.stderr)  # a file has no cursor to return: end the bar's line
 
 
 def describe(err: BaseException, command: str | None) -> tuple[str, int]:
@@ -334,9 +338,10 @@ def describe(err: BaseException, command: str | None) -> tuple[str, int]:
     return f"scaleseg: error: unexpected {name}: {_first_line(err)} (run again with --debug for the traceback)", 1
 
 
-def _install_sigint() -> None:
+def _install_sigint() -> object:
     """Ctrl-C raises :class:`Interrupted` (exit 130) in the main process, also inside Lightning (which
-    would turn a KeyboardInterrupt into exit code 1). Forked DataLoader workers keep the default."""
+    would turn a KeyboardInterrupt into exit code 1). Forked DataLoader workers keep the default.
+    Returns the previous handler (None when not on the main thread, where signals cannot be set)."""
     main_pid = os.getpid()
 
     def on_sigint(signum: int, frame: object) -> None:
@@ -344,7 +349,10 @@ def _install_sigint() -> None:
             raise KeyboardInterrupt
         raise Interrupted("interrupted")
 
-    signal.signal(signal.SIGINT, on_sigint)
+    try:
+        return signal.signal(signal.SIGINT, on_sigint)
+    except ValueError:
+        return None
 
 
 def _command(argv: list[str]) -> str | None:
@@ -356,7 +364,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     quiet_vendor_output(verbose="-v" in argv or "--verbose" in argv)
-    _install_sigint()
+    previous = _install_sigint()
     try:
         code = run(argv)
     except SystemExit:
@@ -367,6 +375,9 @@ def main(argv: list[str] | None = None) -> None:
             traceback.print_exc()
         message, code = describe(err, _command(argv))
         print(message, file=sys.stderr, flush=True)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
     sys.exit(code)
 
 

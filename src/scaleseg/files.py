@@ -89,14 +89,59 @@ def _atomic(path: str | Path, write: Callable[[Path], None]) -> Path:
     return path
 
 
+class _WholeWrites:
+    """A file object whose ``write`` writes everything or raises the OSError (e.g. ENOSPC). A short
+    write (the disk filled up mid-buffer) would otherwise reach torch's zip writer as a bare count
+    mismatch ("unexpected pos ... inline_container.cc") instead of the errno. No ``fileno``, so
+    writers (Pillow) go through ``write`` too."""
+
+    def __init__(self, fh: IO[bytes]) -> None:
+        self._fh = fh
+        self.error: OSError | None = None  # torch's C++ writer swallows it: kept to re-raise
+
+    def write(self, data: bytes) -> int:
+        view = memoryview(data).cast("B")
+        done = 0
+        try:
+            while done < len(view):
+                n = self._fh.write(view[done:])
+                if not n:
+                    raise OSError(errno.EIO, "write made no progress")
+                done += n
+        except OSError as err:
+            self.error = err
+            raise
+        return done
+
+    def tell(self) -> int:
+        return self._fh.tell()
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        return self._fh.seek(offset, whence)
+
+    def seekable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return True
+
+    def flush(self) -> None:
+        self._fh.flush()
+
+
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
     """Call ``write(fh)`` on a temporary file next to ``path``, fsync, then rename it onto ``path``.
     Parent folders are created. Returns ``path``."""
 
     def to_file(tmp: Path) -> None:
-        with open(tmp, "xb") as fh:  # created with the usual umask permissions
-            write(fh)
-            fh.flush()
+        with open(tmp, "xb", buffering=0) as fh:  # created with the usual umask permissions
+            whole = _WholeWrites(fh)
+            try:
+                write(whole)  # type: ignore[arg-type]
+            except Exception:
+                if whole.error is not None:
+                    raise whole.error from None
+                raise
             os.fsync(fh.fileno())
 
     return _atomic(path, to_file)

@@ -42,6 +42,12 @@ def file_error(message: str, path: Path | str, reason: str) -> DataError:
     return DataError(message, path=path, reason=reason)
 
 
+def _decode_reason(err: BaseException, path: Path) -> str:
+    """Pillow's message without the file name (the table shows it in its own column)."""
+    text = (str(err) or type(err).__name__).replace(f" '{path}'", "").replace(str(path), "the file")
+    return f"cannot decode: {text}"
+
+
 def _to_uint8(gray: np.ndarray, mode: str, path: Path) -> np.ndarray:
     """One channel of a 16-bit, 32-bit int or float image → uint8 by its real range.
 
@@ -85,7 +91,7 @@ def read_image(path: Path) -> np.ndarray:
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         if isinstance(err, DataError):
             raise
-        reason = f"cannot decode: {str(err) or type(err).__name__}"
+        reason = _decode_reason(err, path)
         raise file_error(f"cannot read image {path}: {err} (expected a readable RGB image file)", path, reason) from None
 
 
@@ -103,7 +109,7 @@ def read_label(path: Path) -> np.ndarray:
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         if isinstance(err, DataError):
             raise
-        reason = f"cannot decode: {str(err) or type(err).__name__}"
+        reason = _decode_reason(err, path)
         raise file_error(f"cannot read label {path}: {err} (expected a single-channel PNG of class ids)", path, reason) from None
     if arr.dtype != np.uint8:
         if arr.size and (arr.min() < 0 or arr.max() > 255):
@@ -167,9 +173,9 @@ def check_label(label: np.ndarray, spec: DatasetSpec, path: Path | str) -> None:
 def check_sizes(label: np.ndarray, image: np.ndarray, label_path: Path, image_path: Path) -> None:
     """Raise a DataError unless label and image have the same H×W."""
     if label.shape != image.shape[:2]:
-        reason = (f"is {label.shape[1]}×{label.shape[0]} (W×H) but image {image_path} is "
-                  f"{image.shape[1]}×{image.shape[0]}")
-        raise DataError(f"label {label_path} {reason}; expected the same size", path=label_path, reason=reason)
+        size = f"is {label.shape[1]}×{label.shape[0]} (W×H) but image {image_path} is {image.shape[1]}×{image.shape[0]}"
+        reason = f"label is {label.shape[1]}×{label.shape[0]} (W×H), its image {image.shape[1]}×{image.shape[0]}: expected the same size"
+        raise DataError(f"label {label_path} {size}; expected the same size", path=label_path, reason=reason)
 
 
 def read_checked_label(path: Path, spec: DatasetSpec) -> np.ndarray:

@@ -12,7 +12,8 @@ Verdicts are cached per pair, keyed by both files' size and mtime (and by the da
 ``$SCALESEG_CACHE_DIR`` (default ``$XDG_CACHE_HOME/scaleseg`` or ``~/.cache/scaleseg``) under
 ``check/``: a second run only stats the files. A corrupted or unwritable cache is ignored.
 
-Decoding runs in a thread pool (Pillow's decoders and numpy release the GIL).
+Decoding runs in a thread pool (Pillow's decoders and numpy release the GIL). The progress bar shows
+on a terminal only and is cleared before the table is printed.
 """
 from __future__ import annotations
 
@@ -218,7 +219,7 @@ def check_splits(datasets: dict[str, Any], workers: int | None = None, progress:
     workers = workers or min(32, (os.cpu_count() or 1) + 2)
     if todo:
         with ThreadPoolExecutor(max_workers=workers) as pool, \
-                tqdm(total=len(todo), desc="check-data", unit="pair", disable=not progress, leave=False) as bar:
+                tqdm(total=len(todo), desc="check-data", unit="pair", disable=None if progress else True, leave=False) as bar:
             futures = {pool.submit(check_sample, leaf, i): (split, files, cache) for split, leaf, i, files, cache in todo}
             for future in as_completed(futures):
                 split, files, cache = futures[future]

@@ -5,7 +5,7 @@
 - writes ``last_step.ckpt`` when validation starts (after the epoch's last training batch): an
   interrupted or failed validation never costs the epoch, a resume from it runs the validation, and a
   full disk shows up before the validation time is spent;
-- checks at the start of fit and of every epoch that the checkpoint folder has room for the
+- checks at the start of every epoch that the checkpoint folder has room for the
   checkpoints the epoch will write, and stops with a one-line :class:`DiskFullError` naming the
   folder *before* the epoch's work is done (the checkpoints already written stay intact);
 - turns Ctrl-C into a clean stop: the first SIGINT finishes the current batch, writes a resumable
@@ -13,8 +13,9 @@
   written is the resume point). The CLI prints how to resume and exits 130.
 
 :func:`diverged` is called by the training step on a non-finite loss, and by :class:`RunGuard` on a
-non-finite gradient: it writes ``last_finite.ckpt`` (the weights before the failing step, if they are
-finite) and returns a :class:`DivergedError` naming the step and the loss terms.
+non-finite gradient: it writes ``last_finite.ckpt`` (the state before the failing step: parameters,
+and the buffers as they were when the step started, if all are finite) and returns a
+:class:`DivergedError` naming the step and the loss terms.
 """
 from __future__ import annotations
 
@@ -44,24 +45,28 @@ def ignore_sigint_in_worker(worker_id: int) -> None:
 
 
 def _finite_weights(module: torch.nn.Module) -> bool:
-    return all(bool(torch.isfinite(p).all()) for p in module.parameters())
+    tensors = [*module.parameters(), *(b for b in module.buffers() if b.is_floating_point())]
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
 def diverged(trainer: L.Trainer, module: torch.nn.Module, terms: Mapping[str, torch.Tensor], what: str,
-             ckpt_dir: Path) -> DivergedError:
+             ckpt_dir: Path, lr: float | None = None, precision: str = "32") -> DivergedError:
     """Write the last finite state (if the weights are finite) and return the error to raise."""
     step, epoch = trainer.global_step, trainer.current_epoch
-    shown = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in terms.items())
+    guard = next((c for c in trainer.callbacks if isinstance(c, RunGuard)), None)
+    if guard is not None:
+        guard.restore_buffers(trainer.lightning_module)  # undo this step's BatchNorm statistics updates
+    shown = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in terms.items()) or "no loss terms"
+    lower = f"optim.lr={lr / 10:g}" if lr else "a lower optim.lr"
     if _finite_weights(module):
         path = ckpt_dir / LAST_FINITE
         trainer.save_checkpoint(path)
-        saved = f"the weights before this step are in {path}"
+        saved = f"the weights before this step are in {path}; continue from them with --resume {path} {lower} --force"
     else:
-        saved = f"the weights are already non-finite; the last good checkpoint is in {ckpt_dir}"
-    return DivergedError(
-        f"non-finite {what} at step {step} (epoch {epoch}): {shown}; {saved}; lower optim.lr (or use "
-        f"train.precision=32, optim.warmup_steps, or check the data) and resume with --resume <checkpoint> --force"
-    )
+        saved = f"the weights are already non-finite; resume from the last checkpoint in {ckpt_dir} with {lower} --force"
+    other = "train.precision=32, " if precision != "32" else ""
+    return DivergedError(f"non-finite {what} at step {step} (epoch {epoch}): {shown}; {saved} "
+                         f"(or try {other}optim.warmup_steps, or check the data)")
 
 
 def _state_bytes(module: torch.nn.Module) -> int:
@@ -80,6 +85,7 @@ class RunGuard(Callback):
         self.last_saved: Path | None = None
         self._pending: Interrupted | None = None
         self._pre_validation = False
+        self._buffers: dict[str, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ Ctrl-C
     def _on_sigint(self, signum: int, frame: Any) -> None:
@@ -95,7 +101,6 @@ class RunGuard(Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if threading.current_thread() is threading.main_thread():
             self._previous_handler = signal.signal(signal.SIGINT, self._on_sigint)
-        self.check_space(trainer, pl_module)
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self._previous_handler is not None:
@@ -131,6 +136,17 @@ class RunGuard(Callback):
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         self._raise_pending()
+        # the forward of a failing step already updates BatchNorm statistics (and method state such
+        # as MCIBI's memory): keep them (small: per-channel vectors) to write the state before the step
+        self._buffers = {name: b.detach().clone() for name, b in pl_module.named_buffers() if b.is_floating_point()}
+
+    def restore_buffers(self, pl_module: torch.nn.Module) -> None:
+        """Put back the floating-point buffers saved at the start of the current batch."""
+        current = dict(pl_module.named_buffers())
+        with torch.no_grad():
+            for name, saved in self._buffers.items():
+                if name in current:
+                    current[name].copy_(saved)
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.state.fn == "fit":
@@ -205,4 +221,6 @@ class RunGuard(Callback):
         finite = bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
         if not trainer.strategy.reduce_boolean_decision(finite, all=True):
             terms = getattr(pl_module, "last_losses", None) or {}
-            raise diverged(trainer, pl_module, terms, "gradient", self.ckpt_dir)
+            cfg = getattr(pl_module, "cfg", None)
+            raise diverged(trainer, pl_module, terms, "gradient", self.ckpt_dir,
+                           cfg.optim.lr if cfg else None, cfg.train.precision if cfg else "32")

@@ -118,7 +118,8 @@ class SegTask(L.LightningModule):
         if trainer.strategy.reduce_boolean_decision(nonfinite, all=False):
             from .guards import diverged
 
-            raise diverged(trainer, self.model, self.last_losses, "loss", Path(self.cfg.output_dir) / "checkpoints")
+            raise diverged(trainer, self.model, self.last_losses, "loss", Path(self.cfg.output_dir) / "checkpoints",
+                           self.cfg.optim.lr, self.cfg.train.precision)
 
     def configure_optimizers(self) -> Any:
         o = self.cfg.optim

@@ -14,7 +14,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
 
 from ..config import Config, from_dict
 from ..errors import CheckpointError, ConfigError, DataError
@@ -63,10 +63,10 @@ def check_accelerator(accelerator: str) -> None:
                           "is available on this machine (torch.cuda.is_available() is False); use train.accelerator=cpu")
 
 
-def build_trainer(cfg: Config, ckpt_dir: Path | None = None, **overrides: Any) -> L.Trainer:
+def build_trainer(cfg: Config, ckpt_dir: Path | None = None, extra_callbacks: list[Any] = (), **overrides: Any) -> L.Trainer:  # type: ignore[assignment]
     t = cfg.train
     out = Path(cfg.output_dir)
-    callbacks: list[Any] = []
+    callbacks: list[Any] = list(extra_callbacks)
     if ckpt_dir is not None:
         # best.ckpt (best val mIoU); last.ckpt after every epoch (its own callback: Lightning >= 2.5
         # refreshes save_last only when a top-k file is written); with train.checkpoint_every_n_steps
@@ -113,6 +113,39 @@ def steps_per_epoch(num_images: int, cfg: Config, world_size: int) -> int:
     return max(steps, 1)
 
 
+class ResumeSync(Callback):
+    """After a resume's restore, make the optimiser follow the config. Lightning restores optimiser and
+    LR scheduler from the checkpoint, which keeps the old learning rate, momentum and weight decay
+    (and the old schedule's current lr) when a forced resume changed ``optim.*`` or ``train.epochs``:
+
+    - with ``optim.*`` changed, every param group's lr (keeping per-group ratios) and the scheduler's
+      base lrs are rescaled by new/old, and momentum / weight decay / nesterov set;
+    - every ``LambdaLR`` group's lr is recomputed from the (rebuilt) schedule at the restored step.
+      Without changes this reproduces the restored values exactly."""
+
+    def __init__(self, old: Config | None, new: Config) -> None:
+        self.old, self.new = (old.optim if old is not None else new.optim), new.optim
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        ratio = self.new.lr / self.old.lr
+        for optimizer in trainer.optimizers:
+            for group in optimizer.param_groups:
+                if ratio != 1.0:
+                    group["lr"] *= ratio
+                    if "initial_lr" in group:
+                        group["initial_lr"] *= ratio
+                for key in ("momentum", "weight_decay", "nesterov"):
+                    if key in group and getattr(self.old, key) != getattr(self.new, key):
+                        group[key] = getattr(self.new, key)
+        for config in trainer.lr_scheduler_configs:
+            scheduler = config.scheduler
+            if ratio != 1.0 and hasattr(scheduler, "base_lrs"):
+                scheduler.base_lrs = [lr * ratio for lr in scheduler.base_lrs]
+            if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+                for group, base, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+                    group["lr"] = base * factor(scheduler.last_epoch)
+
+
 def checkpoint_position(resume_path: str | None) -> tuple[int | None, bool]:
     """(global step of the checkpoint, whether it was written before its epoch's validation)."""
     if resume_path is None:
@@ -137,16 +170,17 @@ def previous_config(out: Path, resume_path: str) -> Config | None:
         return None  # a record from an older schema: nothing to compare against
 
 
-def prepare_run_folder(cfg: Config, out: Path, ckpt_dir: Path, resume_path: str | None, force: bool) -> dict[str, Any] | None:
-    """Refuse what would mix or lose runs (before anything is written); returns the metrics of a run
-    that is already finished (then there is nothing to do)."""
+def prepare_run_folder(cfg: Config, out: Path, ckpt_dir: Path, resume_path: str | None,
+                       force: bool) -> tuple[dict[str, Any] | None, Config | None]:
+    """Refuse what would mix or lose runs (before anything is written). Returns the metrics of a run
+    that is already finished (then there is nothing to do) and the config the run had so far."""
     if resume_path is None:
         refuse_fresh_start(out, ckpt_dir)
         removed = clear_unfinished_records(out)
         if removed:
             print(f"scaleseg: {out} held a run that stopped before its first checkpoint; starting over "
                   f"(removed {', '.join(p.name for p in removed)})", file=sys.stderr)
-        return None
+        return None, None
     previous = previous_config(out, resume_path)
     if previous is not None:
         check_resume_changes(previous, cfg, force)
@@ -156,7 +190,7 @@ def prepare_run_folder(cfg: Config, out: Path, ckpt_dir: Path, resume_path: str 
         score = f", best val mIoU {best:.2f}" if isinstance(best, (int, float)) else ""
         print(f"scaleseg: run {out} already finished ({cfg.train.epochs} epochs{score}); nothing to do, nothing "
               f"changed. To train longer: --resume auto train.epochs=N --force", file=sys.stderr)
-    return finished
+    return finished, previous
 
 
 def check_training_data(cfg: Config, dm: SegDataModule) -> None:
@@ -197,14 +231,18 @@ def train(cfg: Config, resume: str | None = None, force: bool = False) -> dict[s
     ensure_folder(out, "output_dir")
     with hold_run_folder(out, active=launcher):
         resume_path = resolve_resume(resume, ckpt_dir)
+        previous = None
         if launcher:
-            finished = prepare_run_folder(cfg, out, ckpt_dir, resume_path, force)
+            finished, previous = prepare_run_folder(cfg, out, ckpt_dir, resume_path, force)
             if finished is not None:
                 return finished
-        return _fit(cfg, out, ckpt_dir, resume_path, launcher)
+        elif resume_path is not None and force:
+            previous = previous_config(out, resume_path)
+        return _fit(cfg, out, ckpt_dir, resume_path, launcher, previous)
 
 
-def _fit(cfg: Config, out: Path, ckpt_dir: Path, resume_path: str | None, launcher: bool) -> dict[str, Any]:
+def _fit(cfg: Config, out: Path, ckpt_dir: Path, resume_path: str | None, launcher: bool,
+         previous: Config | None = None) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     dm = SegDataModule(cfg)
     model = create_model(cfg, dm.spec.num_classes)
@@ -214,7 +252,8 @@ def _fit(cfg: Config, out: Path, ckpt_dir: Path, resume_path: str | None, launch
         check_training_data(cfg, dm)
     task = SegTask(model, cfg, list(dm.spec.classes))
     resume_step, before_validation = checkpoint_position(resume_path)
-    trainer = build_trainer(cfg, ckpt_dir, logger=run_loggers(out, resume_step, before_validation))
+    extra = [ResumeSync(previous, cfg)] if resume_path is not None else []
+    trainer = build_trainer(cfg, ckpt_dir, logger=run_loggers(out, resume_step, before_validation), extra_callbacks=extra)
     task.max_steps = cfg.train.epochs * steps_per_epoch(dm.train_length, cfg, trainer.world_size)
     if launcher:
         write_run_config(out, cfg, resumed=resume_path is not None)
