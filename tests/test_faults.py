@@ -508,3 +508,39 @@ def test_check_data_on_a_good_dataset_and_a_generated_one(tmp_path, capsys):
     assert "8 image/label pairs of splits train, val are readable and valid" in out
     code, out, err = cli(capsys, "check-data", config, *TINY)
     assert code == 0 and "generated, nothing to check" in out
+
+
+def csv_rows(run: Path) -> list[dict[str, str]]:
+    import csv
+
+    with open(run / "csv" / "version_0" / "metrics.csv", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_row10_interrupt_during_validation_resumes_with_that_validation(finished, tmp_path, capsys, monkeypatch):
+    """The checkpoint written when validation starts resumes *into* that validation: the resumed run
+    logs epoch 0's scores and ends with the uninterrupted run's history, weights and best.ckpt."""
+    from scaleseg.engine import guards
+    from scaleseg.errors import Interrupted
+
+    config, reference = finished
+    run = tmp_path / "run"
+
+    def stop_in_first_validation(self, trainer, *args, **kwargs):
+        if trainer.current_epoch == 0:
+            raise Interrupted("interrupted during validation (simulated Ctrl-C)")
+
+    monkeypatch.setattr(guards.RunGuard, "on_validation_batch_end", stop_in_first_validation)
+    code, _, err = cli(capsys, *run_args(config, run))
+    one_error(err, 130, code, "interrupted during validation", "--resume auto")
+    assert torch.load(run / "checkpoints" / "last_step.ckpt", weights_only=True)["global_step"] == 2
+    assert not any(row.get("val/mIoU") for row in csv_rows(run))
+    monkeypatch.undo()
+    code, _, err = cli(capsys, "train", config, f"output_dir={run}", "--resume", "auto", "--quiet")
+    assert code == 0, err
+    assert csv_rows(run) == csv_rows(reference)  # epoch 0's validation ran on resume, nothing twice
+    for name in ("best.ckpt", "last.ckpt"):
+        mine = torch.load(run / "checkpoints" / name, weights_only=True)
+        theirs = torch.load(reference / "checkpoints" / name, weights_only=True)
+        assert mine["global_step"] == theirs["global_step"], name
+        assert all(torch.equal(mine["state_dict"][k], theirs["state_dict"][k]) for k in theirs["state_dict"]), name

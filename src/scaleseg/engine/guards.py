@@ -148,34 +148,34 @@ class RunGuard(Callback):
                 if name in current:
                     current[name].copy_(saved)
 
-    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.state.fn == "fit":
-            self._raise_pending()
-
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._raise_pending()
 
-    def on_validation_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int,
-                                  dataloader_idx: int = 0) -> None:
-        if trainer.state.fn == "fit" and not trainer.sanity_checking and batch_idx == 0 and dataloader_idx == 0:
-            self._pre_validation = True
-            try:
-                self._save(trainer)
-            finally:
-                self._pre_validation = False
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn != "fit" or trainer.sanity_checking:
+            return
+        self._raise_pending()
+        self._pre_validation = True  # every rank calls this hook: the save's barrier is safe in DDP
+        try:
+            self._save(trainer)
+        finally:
+            self._pre_validation = False
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
-        """Mark the pre-validation checkpoint as "inside the first validation batch" (started = ready), the
-        state Lightning resumes by running the whole validation again. Saved as it is (before the batch
-        starts), Lightning would take the epoch as validated and skip it on resume, and best.ckpt would
-        miss that epoch. Deliberately depends on Lightning's loop-progress layout; if that changes, the
-        checkpoint stays valid and only the resumed epoch's validation is skipped."""
+        """Mark the pre-validation checkpoint as written inside the first validation batch (one batch
+        ready and started, none processed): Lightning resumes that state by running the whole
+        validation again. Saved as it is (validation not begun), Lightning would take the epoch as
+        validated and skip it on resume, and best.ckpt would miss that epoch. Deliberately depends on
+        Lightning's loop-progress layout; if that changes, the checkpoint stays valid and only the
+        resumed epoch's validation is skipped."""
         if not self._pre_validation:
             return
         try:
             progress = checkpoint["loops"]["fit_loop"]["epoch_loop.val_loop.batch_progress"]
             for part in ("total", "current"):
-                progress[part]["started"] = progress[part]["ready"]
+                counts = progress[part]
+                counts["ready"] = counts["started"] = counts["processed"] + 1
+                counts["completed"] = counts["processed"]
         except (KeyError, TypeError):
             pass
 
@@ -197,11 +197,12 @@ class RunGuard(Callback):
         return size * (missing + 1) + weights
 
     def check_space(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.is_global_zero:
-            return
-        free = free_space(self.ckpt_dir)
+        free = free_space(self.ckpt_dir) if trainer.is_global_zero else None
         need = self.needed_bytes(pl_module)
-        if free is not None and free < need:
+        short = free is not None and free < need
+        if trainer.strategy.reduce_boolean_decision(short, all=False):  # every rank stops, none hangs
+            if free is None:
+                raise DiskFullError(f"not enough free space for {self.ckpt_dir} (see rank 0)")
             raise DiskFullError(
                 f"only {format_bytes(free)} free for {self.ckpt_dir}; epoch {trainer.current_epoch}'s checkpoints need "
                 f"about {format_bytes(need)}: stopped before training it (the checkpoints written so far are intact); "
