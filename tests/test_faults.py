@@ -345,6 +345,17 @@ def test_row15_small_items(tmp_path, capsys):
     code, _, err = cli(capsys, "predict", "c.yaml", "--checkpoint", "x", "--out", "y", "in/", "--batch-size", "0")
     assert code == 2 and "--batch-size" in err and ">= 1" in err
     assert load_config(None, ["train.precision=32"]).train.precision == "32"
+    # --debug adds the traceback to the one line
+    code, _, err = cli(capsys, "config", "missing.yaml", "--debug")
+    assert code == 2 and "Traceback" in err and err.strip().splitlines()[-1] == "scaleseg: error: config file not found: missing.yaml"
+
+
+def test_row14_verbose_shows_what_quiet_hides(finished, tmp_path):
+    config, run = finished
+    args = ["eval", config, *TINY, "--checkpoint", run / "model.safetensors", "--out", tmp_path / "ev", "--quiet"]
+    verbose = cli_process(*args, "-v")  # without -v these lines are absent (see the stale-lock test)
+    assert verbose.returncode == 0, verbose.stderr
+    assert "GPU available" in verbose.stderr and "mIoU" in verbose.stdout
 
 
 # --------------------------------------------------------------------------------------------------

@@ -92,8 +92,8 @@ def _atomic(path: str | Path, write: Callable[[Path], None]) -> Path:
 class _WholeWrites:
     """A file object whose ``write`` writes everything or raises the OSError (e.g. ENOSPC). A short
     write (the disk filled up mid-buffer) would otherwise reach torch's zip writer as a bare count
-    mismatch ("unexpected pos ... inline_container.cc") instead of the errno. No ``fileno``, so
-    writers (Pillow) go through ``write`` too."""
+    mismatch ("unexpected pos ... inline_container.cc") instead of the errno. Everything else is the
+    real file's, except ``fileno``: writers that would use it (Pillow) go through ``write`` too."""
 
     def __init__(self, fh: IO[bytes]) -> None:
         self._fh = fh
@@ -113,20 +113,10 @@ class _WholeWrites:
             raise
         return done
 
-    def tell(self) -> int:
-        return self._fh.tell()
-
-    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
-        return self._fh.seek(offset, whence)
-
-    def seekable(self) -> bool:
-        return True
-
-    def writable(self) -> bool:
-        return True
-
-    def flush(self) -> None:
-        self._fh.flush()
+    def __getattr__(self, name: str) -> object:  # read, seek, tell, flush, ... of the real file
+        if name == "fileno":
+            raise AttributeError(name)
+        return getattr(self._fh, name)
 
 
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:

@@ -21,7 +21,7 @@ EXPECTED_WARNINGS = (
 )
 
 
-_quiet = False  # set by the CLI; the Python API leaves the libraries' output alone
+_quiet = False  # set by the CLI; the Python API keeps the libraries' defaults
 
 
 def quiet_vendor_output(verbose: bool = False) -> None:
@@ -41,6 +41,8 @@ def silence_lightning() -> None:
     """Lower Lightning's loggers to warnings. Call after Lightning is imported (its import sets them
     to INFO) and before a Trainer is built."""
     if not _quiet:
+        for name in ("lightning.pytorch", "lightning.fabric"):  # their own default
+            logging.getLogger(name).setLevel(logging.INFO)
         return
     from lightning.fabric.utilities.warnings import PossibleUserWarning
 

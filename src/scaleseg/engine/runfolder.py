@@ -30,7 +30,7 @@ from typing import Any
 
 from ..config import Config, apply_overrides, from_dict, parse_yaml, to_dict, to_yaml
 from ..errors import RunError, ScalesegError
-from ..files import atomic_write_text, disk_full_error, remove_stale_temp_files
+from ..files import atomic_write_text, disk_full_error
 
 try:
     import fcntl
@@ -184,8 +184,7 @@ class RunLock:
 
 @contextlib.contextmanager
 def hold_run_folder(folder: str | Path, active: bool = True) -> Iterator[RunLock | None]:
-    """Lock ``folder`` for this process (when ``active``), remove temporary files of killed writers,
-    and tell the user when a stale lock is taken over."""
+    """Lock ``folder`` for this process (when ``active``) and tell the user when a stale lock is taken over."""
     if not active:
         yield None
         return
@@ -193,7 +192,6 @@ def hold_run_folder(folder: str | Path, active: bool = True) -> Iterator[RunLock
         if lock.taken_over:
             print(f"scaleseg: taking over the stale lock of {_holder_text(lock.taken_over)} in {folder}: "
                   "that process is gone", file=sys.stderr)
-        remove_stale_temp_files(folder)
         yield lock
 
 

@@ -14,17 +14,18 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 
 from ..config import Config, from_dict
 from ..errors import CheckpointError, ConfigError, DataError
-from ..files import atomic_write_text
+from ..files import atomic_write_text, remove_stale_temp_files
 from ..models.factory import create_model
 from ..quiet import silence_lightning
 from .checkpoint import AtomicCheckpointIO, read_checkpoint, save_weights
 from .datamodule import SegDataModule
 from .guards import LAST_FINITE, LAST_STEP, RunGuard
 from .logs import run_loggers
+from .resume_sync import ResumeSync
 from .runfolder import (
     check_resume_changes, clear_unfinished_records, ensure_folder, finished_metrics, hold_run_folder,
     is_launching_process, latest_config_path, read_run_config, refuse_fresh_start, write_run_config,
@@ -113,39 +114,6 @@ def steps_per_epoch(num_images: int, cfg: Config, world_size: int) -> int:
     return max(steps, 1)
 
 
-class ResumeSync(Callback):
-    """After a resume's restore, make the optimiser follow the config. Lightning restores optimiser and
-    LR scheduler from the checkpoint, which keeps the old learning rate, momentum and weight decay
-    (and the old schedule's current lr) when a forced resume changed ``optim.*`` or ``train.epochs``:
-
-    - with ``optim.*`` changed, every param group's lr (keeping per-group ratios) and the scheduler's
-      base lrs are rescaled by new/old, and momentum / weight decay / nesterov set;
-    - every ``LambdaLR`` group's lr is recomputed from the (rebuilt) schedule at the restored step.
-      Without changes this reproduces the restored values exactly."""
-
-    def __init__(self, old: Config | None, new: Config) -> None:
-        self.old, self.new = (old.optim if old is not None else new.optim), new.optim
-
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        ratio = self.new.lr / self.old.lr
-        for optimizer in trainer.optimizers:
-            for group in optimizer.param_groups:
-                if ratio != 1.0:
-                    group["lr"] *= ratio
-                    if "initial_lr" in group:
-                        group["initial_lr"] *= ratio
-                for key in ("momentum", "weight_decay", "nesterov"):
-                    if key in group and getattr(self.old, key) != getattr(self.new, key):
-                        group[key] = getattr(self.new, key)
-        for config in trainer.lr_scheduler_configs:
-            scheduler = config.scheduler
-            if ratio != 1.0 and hasattr(scheduler, "base_lrs"):
-                scheduler.base_lrs = [lr * ratio for lr in scheduler.base_lrs]
-            if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
-                for group, base, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
-                    group["lr"] = base * factor(scheduler.last_epoch)
-
-
 def checkpoint_position(resume_path: str | None) -> tuple[int | None, bool]:
     """(global step of the checkpoint, whether it was written before its epoch's validation)."""
     if resume_path is None:
@@ -176,10 +144,6 @@ def prepare_run_folder(cfg: Config, out: Path, ckpt_dir: Path, resume_path: str 
     that is already finished (then there is nothing to do) and the config the run had so far."""
     if resume_path is None:
         refuse_fresh_start(out, ckpt_dir)
-        removed = clear_unfinished_records(out)
-        if removed:
-            print(f"scaleseg: {out} held a run that stopped before its first checkpoint; starting over "
-                  f"(removed {', '.join(p.name for p in removed)})", file=sys.stderr)
         return None, None
     previous = previous_config(out, resume_path)
     if previous is not None:
@@ -191,6 +155,19 @@ def prepare_run_folder(cfg: Config, out: Path, ckpt_dir: Path, resume_path: str 
         print(f"scaleseg: run {out} already finished ({cfg.train.epochs} epochs{score}); nothing to do, nothing "
               f"changed. To train longer: --resume auto train.epochs=N --force", file=sys.stderr)
     return finished, previous
+
+
+def start_record(out: Path, cfg: Config, resumed: bool) -> None:
+    """The first writes of a run, after every check passed: remove what killed processes left
+    (temporary files; the logs of a new run's predecessor that never reached a checkpoint), then
+    ``config.yaml`` or ``resumes/<N>.yaml``."""
+    remove_stale_temp_files(out)
+    if not resumed:
+        removed = clear_unfinished_records(out)
+        if removed:
+            print(f"scaleseg: {out} held a run that stopped before its first checkpoint; starting over "
+                  f"(removed {', '.join(p.name for p in removed)})", file=sys.stderr)
+    write_run_config(out, cfg, resumed=resumed)
 
 
 def check_training_data(cfg: Config, dm: SegDataModule) -> None:
@@ -256,7 +233,7 @@ def _fit(cfg: Config, out: Path, ckpt_dir: Path, resume_path: str | None, launch
     trainer = build_trainer(cfg, ckpt_dir, logger=run_loggers(out, resume_step, before_validation), extra_callbacks=extra)
     task.max_steps = cfg.train.epochs * steps_per_epoch(dm.train_length, cfg, trainer.world_size)
     if launcher:
-        write_run_config(out, cfg, resumed=resume_path is not None)
+        start_record(out, cfg, resumed=resume_path is not None)
     start = time.perf_counter()
     trainer.fit(task, datamodule=dm, ckpt_path=resume_path)
     result = dict(task.last_scores or {})
