@@ -528,28 +528,35 @@ def csv_rows(run: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(fh))
 
 
-def test_row10_interrupt_during_validation_resumes_with_that_validation(finished, tmp_path, capsys, monkeypatch):
-    """The checkpoint written when validation starts resumes *into* that validation: the resumed run
-    logs epoch 0's scores and ends with the uninterrupted run's history, weights and best.ckpt."""
+@pytest.mark.parametrize("when", ["mid-epoch", "last batch", "validation"])
+def test_row10_interrupt_anywhere_resumes_to_the_uninterrupted_history(finished, tmp_path, capsys, monkeypatch, when):
+    """Ctrl-C (the flag the SIGINT handler sets) after step 1, after the epoch's last batch (step 2),
+    or inside epoch 0's validation: the resume point makes the resumed run log exactly the history of
+    the uninterrupted run (epoch 0's validation included, nothing twice) and end with its checkpoints."""
     from scaleseg.engine import guards
     from scaleseg.errors import Interrupted
 
     config, reference = finished
     run = tmp_path / "run"
-
-    def stop_in_first_validation(self, trainer, *args, **kwargs):
-        if trainer.current_epoch == 0:
-            raise Interrupted("interrupted during validation (simulated Ctrl-C)")
-
-    monkeypatch.setattr(guards.RunGuard, "on_validation_batch_end", stop_in_first_validation)
+    if when == "validation":
+        def stop(self, trainer, *args, **kwargs):
+            if trainer.current_epoch == 0:
+                raise Interrupted("interrupted during validation (simulated Ctrl-C)")
+        monkeypatch.setattr(guards.RunGuard, "on_validation_batch_end", stop)
+    else:
+        at = {"mid-epoch": 1, "last batch": 2}[when]
+        monkeypatch.setattr(guards.RunGuard, "_interrupted", lambda self, trainer: trainer.global_step == at)
     code, _, err = cli(capsys, *run_args(config, run))
-    one_error(err, 130, code, "interrupted during validation", "--resume auto")
-    assert torch.load(run / "checkpoints" / "last_step.ckpt", weights_only=True)["global_step"] == 2
+    line = one_error(err, 130, code, "interrupted", "--resume auto")
+    if when == "last batch":
+        assert "before its validation" in line
+    step = torch.load(run / "checkpoints" / "last_step.ckpt", weights_only=True)["global_step"]
+    assert step == {"mid-epoch": 1, "last batch": 2, "validation": 2}[when]
     assert not any(row.get("val/mIoU") for row in csv_rows(run))
     monkeypatch.undo()
     code, _, err = cli(capsys, "train", config, f"output_dir={run}", "--resume", "auto", "--quiet")
     assert code == 0, err
-    assert csv_rows(run) == csv_rows(reference)  # epoch 0's validation ran on resume, nothing twice
+    assert csv_rows(run) == csv_rows(reference)
     for name in ("best.ckpt", "last.ckpt"):
         mine = torch.load(run / "checkpoints" / name, weights_only=True)
         theirs = torch.load(reference / "checkpoints" / name, weights_only=True)

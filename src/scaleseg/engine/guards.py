@@ -84,6 +84,7 @@ class RunGuard(Callback):
         self._main_pid = os.getpid()
         self.last_saved: Path | None = None
         self._pending: Interrupted | None = None
+        self._stop_at_epoch_end = False
         self._pre_validation = False
         self._buffers: dict[str, torch.Tensor] = {}
 
@@ -123,12 +124,22 @@ class RunGuard(Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if self._pending is None and self._interrupted(trainer):
-            path = self._save(trainer)
-            # raised at the next hook, once Lightning has logged this batch (its logging runs after us)
-            self._pending = Interrupted(f"interrupted at step {trainer.global_step} (epoch {trainer.current_epoch}); "
-                                        f"saved {path}")
+        if self._pending is not None or self._stop_at_epoch_end or not self._interrupted(trainer):
             return
+        if batch_idx + 1 >= trainer.num_training_batches:
+            # the epoch's last batch: its validation (or the epoch end) writes the resume point, so that
+            # a resume runs that validation (a checkpoint from here would make Lightning skip it)
+            self._stop_at_epoch_end = True
+            return
+        path = self._save(trainer)
+        # raised at the next hook, once Lightning has logged this batch (its logging runs after us)
+        self._pending = Interrupted(f"interrupted at step {trainer.global_step} (epoch {trainer.current_epoch}); "
+                                    f"saved {path}")
+
+    def _stop_here(self, trainer: L.Trainer, path: Path, where: str) -> None:
+        if self._stop_at_epoch_end:
+            raise Interrupted(f"interrupted at step {trainer.global_step} (epoch {trainer.current_epoch}) {where}; "
+                              f"saved {path}")
 
     def _raise_pending(self) -> None:
         if self._pending is not None:
@@ -150,6 +161,8 @@ class RunGuard(Callback):
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._raise_pending()
+        if self._stop_at_epoch_end:
+            self._stop_here(trainer, self._save(trainer), "at the end of the epoch")
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.state.fn != "fit" or trainer.sanity_checking:
@@ -157,9 +170,10 @@ class RunGuard(Callback):
         self._raise_pending()
         self._pre_validation = True  # every rank calls this hook: the save's barrier is safe in DDP
         try:
-            self._save(trainer)
+            path = self._save(trainer)
         finally:
             self._pre_validation = False
+        self._stop_here(trainer, path, "before its validation")
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         """Mark the pre-validation checkpoint as written inside the first validation batch (one batch
