@@ -168,7 +168,7 @@ def _train(args: argparse.Namespace) -> None:
 
 def _check_data(args: argparse.Namespace) -> int:
     from .data.check import check_splits, format_table, summary
-    from .engine.datamodule import build_dataset
+    from .data.build import build_dataset
 
     cfg = load_config(args.config, args.overrides)
     splits = args.split or list(dict.fromkeys([cfg.data.train_split, cfg.data.val_split]))

@@ -38,12 +38,6 @@ LAST_STEP = "last_step.ckpt"
 LAST_FINITE = "last_finite.ckpt"
 
 
-def ignore_sigint_in_worker(worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``: Ctrl-C is handled by the main process only (a worker that died
-    of SIGINT would break the batch the main process still has to finish)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
 def _finite_weights(module: torch.nn.Module) -> bool:
     tensors = [*module.parameters(), *(b for b in module.buffers() if b.is_floating_point())]
     return all(bool(torch.isfinite(t).all()) for t in tensors)

@@ -152,7 +152,8 @@ def prepare_run_folder(cfg: Config, out: Path, ckpt_dir: Path, resume_path: str 
     if finished is not None:
         best = finished.get("best_mIoU", finished.get("mIoU"))
         score = f", best val mIoU {best:.2f}" if isinstance(best, (int, float)) else ""
-        print(f"scaleseg: run {out} already finished ({cfg.train.epochs} epochs{score}); nothing to do, nothing "
+        epochs = finished.get("epochs", cfg.train.epochs)
+        print(f"scaleseg: run {out} already finished ({epochs} epochs{score}); nothing to do, nothing "
               f"changed. To train longer: --resume auto train.epochs=N --force", file=sys.stderr)
     return finished, previous
 
