@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 os.environ["HF_HUB_OFFLINE"] = "1"
+# check-data verdicts of this session go to a temporary folder, not ~/.cache/scaleseg
+os.environ.setdefault("SCALESEG_CACHE_DIR", tempfile.mkdtemp(prefix="scaleseg-cache-"))
 # OpenMP threads that busy-wait make small-tensor ops 10-100x slower when cores are shared
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 

@@ -79,3 +79,55 @@ def test_a_combination_that_cannot_apply_is_a_one_line_config_error():
         with pytest.raises(ConfigError, match="model.mcibi.enabled needs model.arch in .*got 'espnetv2'") as err:
             scaleseg.create_model(cfg)
         assert "\n" not in str(err.value)
+
+
+def test_yaml_12_floats_parse_in_files_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("optim:\n  lr: 1e-3\n  weight_decay: 5E-4\n  momentum: 9e-1\n")
+    cfg = load_config(path, ["optim.poly_power=2e+0"])
+    assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.momentum, cfg.optim.poly_power) == (0.001, 0.0005, 0.9, 2.0)
+    cfg = load_config(None, ["optim.lr=1e-3", "optim.weight_decay=-0e0", "name=1e5x"])
+    assert cfg.optim.lr == 0.001 and isinstance(cfg.optim.lr, float)
+    assert cfg.name == "1e5x"  # not a number: stays a string
+    with pytest.raises(ConfigError, match="train.epochs"):
+        load_config(None, ["train.epochs=1e3"])  # a float where an int is expected
+
+
+def test_precision_32_as_an_int_is_the_literal():
+    assert load_config(None, ["train.precision=32"]).train.precision == "32"
+    assert from_dict({"train": {"precision": 32}}).train.precision == "32"
+    with pytest.raises(ConfigError, match="train.precision"):
+        load_config(None, ["train.precision=15"])
+
+
+@pytest.mark.parametrize("override, key, expected", [
+    ("optim.lr=-1", "optim.lr", "> 0"),
+    ("optim.lr=0", "optim.lr", "> 0"),
+    ("optim.lr=.nan", "optim.lr", "> 0"),
+    ("train.epochs=0", "train.epochs", ">= 1"),
+    ("train.batch_size=0", "train.batch_size", ">= 1"),
+    ("eval.batch_size=-2", "eval.batch_size", ">= 1"),
+    ("data.crop_size=[0,64]", "data.crop_size", ">= 1"),
+    ("eval.crop_size=[64]", "eval.crop_size", "[height, width]"),
+    ("data.scale_range=[2.0,0.5]", "data.scale_range", "min <= max"),
+    ("data.class_uniform_pct=1.5", "data.class_uniform_pct", "[0, 1]"),
+    ("data.autolabel.threshold=-0.1", "data.autolabel.threshold", "[0, 1]"),
+    ("optim.momentum=1.2", "optim.momentum", "[0, 1]"),
+    ("model.dsrl.lr_scale=0", "model.dsrl.lr_scale", "(0, 1]"),
+    ("eval.scales=[1.0,-0.5]", "eval.scales", "> 0"),
+    ("seed=-1", "seed", ">= 0"),
+])
+def test_ranges_are_one_line_errors_naming_the_key(override, key, expected):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    msg = str(err.value)
+    assert f"'{key}'" in msg and expected in msg and "\n" not in msg
+
+
+def test_every_range_rule_names_an_existing_numeric_key():
+    from scaleseg.config import RANGES, lookup
+
+    cfg = load_config(None)
+    for key in RANGES:
+        value = lookup(cfg, key)  # AttributeError if a rule names a key that does not exist
+        assert value is None or isinstance(value, (int, float, list)), key

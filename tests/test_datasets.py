@@ -147,7 +147,7 @@ def test_ade20k_reduce_zero_label(tmp_path):
     assert ds[0]["mask"].tolist() == [[255, 0, 149], [1, 255, 74]]
     assert ds[0]["name"] == "ADEChallengeData2016/images/validation/ADE_val_00000001.jpg"
     _save(base / "annotations/validation/ADE_val_00000001.png", np.array([[151, 1, 1], [1, 1, 1]], np.uint8))
-    with pytest.raises(DataError, match=r"ADE_val_00000001\.png has ids \[150\]"):
+    with pytest.raises(DataError, match=r"ADE_val_00000001\.png has ids \[151\] outside the classes 1\.\.150 and the ignore id 0"):
         ade20k.make_dataset(base, "validation")[0]
     _save(base / "annotations/validation/ADE_val_00000002.png", np.zeros((2, 3), np.uint8))
     with pytest.raises(DataError, match=r"ADE_val_00000002\.png has no image"):
@@ -211,7 +211,7 @@ def test_out_of_range_label_names_file_and_values(tmp_path):
     with pytest.raises(DataError) as err:
         ds[0]
     message = str(err.value)
-    assert "ann/train/a.png" in message and "[5, 7]" in message and "outside [0, 3)" in message
+    assert "ann/train/a.png" in message and "[5, 7]" in message and "outside the classes 0..2 and the ignore id 255" in message
     assert "\n" not in message
 
 

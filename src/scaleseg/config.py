@@ -3,11 +3,17 @@
 Every key has a type and a default here, so the resolved config printed at the start of a run is the
 whole truth: no inheritance, no registries. Unknown or misspelled keys are errors, and any key can be
 overridden from the command line as ``section.key=value`` (the value is parsed as YAML).
+
+YAML is read with :class:`ConfigLoader`, PyYAML's safe loader with the YAML 1.2 float syntax, so that
+``1e-3`` is a float as users expect (PyYAML follows YAML 1.1 and reads it as the string "1e-3").
+Ranges are checked at load time (:data:`RANGES`): each violation is one line naming the key.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,6 +23,22 @@ from typing import Any, Literal
 import yaml
 
 from .errors import ConfigError
+
+
+class ConfigLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that also reads YAML 1.2 floats without a dot (``1e-3``, ``5E-4``, ``-2e+5``)."""
+
+
+ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def parse_yaml(text: str) -> Any:
+    """YAML text → Python objects with :class:`ConfigLoader` (safe; ``1e-3`` is a float)."""
+    return yaml.load(text, Loader=ConfigLoader)  # noqa: S506 - ConfigLoader is a SafeLoader
 
 
 @dataclass
@@ -139,6 +161,7 @@ class DataConfig:
     class_uniform_tile: int = 1024
     class_uniform_classes: list[int] | None = None
     autolabel: AutolabelConfig = field(default_factory=AutolabelConfig)
+    check: bool = True  # `train` first checks every file (as `scaleseg check-data` does), cached per file
 
 
 @dataclass
@@ -248,6 +271,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin is Literal:
         if value in typing.get_args(tp):
             return value
+        # `precision: 32` (a YAML int) means the literal "32"
+        if isinstance(value, int) and not isinstance(value, bool) and str(value) in typing.get_args(tp):
+            return str(value)
         raise ConfigError(f"config key '{key}' = {value!r}: expected one of {_type_name(tp)}")
     if origin is list:
         (inner,) = typing.get_args(tp)
@@ -314,7 +340,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key:
         raise ConfigError(f"override '{text}' has no key")
     try:
-        value = yaml.safe_load(raw) if raw != "" else None
+        value = parse_yaml(raw) if raw != "" else None
     except yaml.YAMLError:
         value = raw
     return key.split("."), value
@@ -357,7 +383,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = parse_yaml(path.read_text()) or {}
         except yaml.YAMLError as err:
             first = str(err).splitlines()[0] if str(err) else "syntax error"
             raise ConfigError(f"config file {path} is not valid YAML: {first}") from None
@@ -367,23 +393,80 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     return from_dict(data)
 
 
+# --------------------------------------------------------------------------------------------------
+# ranges
+
+# key → rule. ">0" / ">=0" / ">=1": a bound (floats must also be finite); "[0,1]": a probability or
+# fraction; "(0,1]": a fraction above zero. For lists the rule applies to every element; None passes.
+RANGES: dict[str, str] = {
+    "seed": ">=0",
+    "model.output_stride": ">=1", "model.aux_weight": ">=0", "model.head_channels": ">=1", "model.width": ">0",
+    "model.hmsa.train_scales": ">0", "model.hmsa.explicit_scales": ">0", "model.hmsa.per_scale_weight": ">=0",
+    "model.hmsa.attn_channels": ">=1",
+    "model.mcibi.channels": ">=1", "model.mcibi.momentum": "[0,1]", "model.mcibi.momentum_min_ratio": "[0,1]",
+    "model.mcibi.memory_loss_weight": ">=0", "model.mcibi.consistency_weight": ">=0",
+    "model.mcibi.consistency_start_epoch": ">=0", "model.mcibi.stride8_weight": ">=0",
+    "model.dsrl.lr_scale": "(0,1]", "model.dsrl.sr_weight": ">=0", "model.dsrl.fa_weight": ">=0",
+    "model.dsrl.fa_subsample": ">=1", "model.dsrl.fa_max_block_mib": ">0",
+    "data.num_images": ">=1", "data.image_size": ">=1", "data.crop_size": ">=1", "data.scale_range": ">0",
+    "data.base_size": ">=1", "data.color_jitter": ">=0", "data.class_uniform_pct": "[0,1]",
+    "data.class_uniform_tile": ">=1", "data.autolabel.threshold": "[0,1]",
+    "loss.class_weights": ">=0", "loss.ohem_thresh": "[0,1]", "loss.ohem_min_kept": ">=1",
+    "optim.lr": ">0", "optim.momentum": "[0,1]", "optim.weight_decay": ">=0", "optim.poly_power": ">=0",
+    "optim.warmup_steps": ">=0", "optim.warmup_ratio": "[0,1]",
+    "train.epochs": ">=1", "train.batch_size": ">=1", "train.num_workers": ">=0", "train.num_nodes": ">=1",
+    "train.val_every_n_epochs": ">=1", "train.log_every_n_steps": ">=1", "train.limit_train_batches": ">=1",
+    "train.checkpoint_every_n_steps": ">=1",
+    "eval.crop_size": ">=1", "eval.stride": ">=1", "eval.scales": ">0", "eval.batch_size": ">=1",
+    "eval.num_workers": ">=0", "eval.base_size": ">=1",
+}
+
+_RULE_TEXT = {">0": "> 0", ">=0": ">= 0", ">=1": ">= 1", "[0,1]": "in [0, 1]", "(0,1]": "in (0, 1]"}
+
+
+def _in_range(value: float, rule: str) -> bool:
+    if isinstance(value, float) and not math.isfinite(value):
+        return False
+    return {
+        ">0": value > 0, ">=0": value >= 0, ">=1": value >= 1,
+        "[0,1]": 0 <= value <= 1, "(0,1]": 0 < value <= 1,
+    }[rule]
+
+
+def lookup(cfg: Any, key: str) -> Any:
+    """The value at a dotted key (``"optim.lr"``) of a config object."""
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def check_ranges(cfg: Config) -> None:
+    """Every :data:`RANGES` rule; the first violation is a one-line ConfigError naming the key."""
+    for key, rule in RANGES.items():
+        value = lookup(cfg, key)
+        values = value if isinstance(value, list) else [value]
+        for v in values:
+            if v is not None and not _in_range(v, rule):
+                expected = "every element " + _RULE_TEXT[rule] if isinstance(value, list) else _RULE_TEXT[rule]
+                raise ConfigError(f"config key '{key}' = {value!r}: expected {expected}")
+
+
 def check(cfg: Config) -> None:
-    """Cross-field checks that types alone cannot express."""
-    if len(cfg.data.crop_size) != 2 or min(cfg.data.crop_size) <= 0:
+    """Ranges (:data:`RANGES`) and cross-field checks that types alone cannot express."""
+    check_ranges(cfg)
+    if len(cfg.data.crop_size) != 2:
         raise ConfigError(f"config key 'data.crop_size' = {cfg.data.crop_size}: expected [height, width] > 0")
     lo, hi = (cfg.data.scale_range + [None, None])[:2]
     if len(cfg.data.scale_range) != 2 or not 0 < lo <= hi:
         raise ConfigError(f"config key 'data.scale_range' = {cfg.data.scale_range}: expected [min, max] with 0 < min <= max")
+    for key in ("data.image_size", "eval.crop_size", "eval.stride"):
+        value = lookup(cfg, key)
+        if value is not None and len(value) != 2:
+            raise ConfigError(f"config key '{key}' = {value}: expected [height, width]")
     if cfg.model.output_stride not in (8, 16, 32):
         raise ConfigError(f"config key 'model.output_stride' = {cfg.model.output_stride}: expected 8, 16 or 32")
-    if not 0.0 <= cfg.data.class_uniform_pct <= 1.0:
-        raise ConfigError(f"config key 'data.class_uniform_pct' = {cfg.data.class_uniform_pct}: expected a fraction in [0, 1]")
+    if not 0 <= cfg.seed < 2**32:
+        raise ConfigError(f"config key 'seed' = {cfg.seed}: expected an integer in [0, 2**32)")
     a = cfg.data.autolabel
-    if not 0.0 <= a.threshold <= 1.0:
-        raise ConfigError(f"config key 'data.autolabel.threshold' = {a.threshold}: expected a confidence in [0, 1]")
     if a.mix == "boost" and cfg.data.class_uniform_pct == 0:
         raise ConfigError("config key 'data.autolabel.mix' = 'boost' needs data.class_uniform_pct > 0")
-    if cfg.eval.scales is not None and any(s <= 0 for s in cfg.eval.scales):
-        raise ConfigError(f"config key 'eval.scales' = {cfg.eval.scales}: expected positive scales")
-    if cfg.train.epochs <= 0 or cfg.train.batch_size <= 0:
-        raise ConfigError("config keys 'train.epochs' and 'train.batch_size' must be positive")

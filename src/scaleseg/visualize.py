@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import html
 import os
-import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any
 from urllib.parse import quote
@@ -18,6 +17,7 @@ import numpy as np
 from PIL import Image
 
 from scaleseg.errors import ConfigError, DataError
+from scaleseg.files import atomic_write  # re-exported: the one atomic writer
 
 __all__ = [
     "colorize",
@@ -83,26 +83,6 @@ def overlay(image: Any, color: Any, alpha: float = 0.5, mask: Any = None) -> np.
     blend = (1.0 - alpha) * img.astype(np.float64) + alpha * col.astype(np.float64)
     blend = np.clip(np.rint(blend), 0, 255).astype(np.uint8)
     return np.where(sel[..., None], blend, img.astype(np.uint8))
-
-
-def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None]) -> Path:
-    """Call ``write(fh)`` on a temporary file next to ``path``, then ``os.replace`` it onto ``path``.
-
-    Parent folders are created. The temporary file is removed if ``write`` fails. Returns ``path``.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "xb") as fh:  # created with the usual umask permissions
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
 
 
 def _to_pil(array: np.ndarray, palette: PaletteLike | None) -> Image.Image:

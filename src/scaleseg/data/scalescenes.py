@@ -363,6 +363,8 @@ class ScaleScenes(SegDataset):
     ``scalescenes/train/000123.png``.
     """
 
+    generated = True
+
     def __init__(self, split: str = "train", transform: Transform | None = None, *, num_images: int | None = None,
                  size: tuple[int, int] = (256, 512), seed: int = 0) -> None:
         self.size = _check_options(split, size, seed)

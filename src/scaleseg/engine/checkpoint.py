@@ -1,7 +1,6 @@
 """Checkpoints: atomic writes, safe loads (``weights_only=True`` / safetensors), clear mismatch errors."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -11,20 +10,16 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import CheckpointError
+from ..files import atomic_write, atomic_write_path
 
 MODEL_PREFIX = "model."
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    """``torch.save`` to a temporary file in the same folder, then rename: a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """``torch.save`` to a temporary file in the same folder, then rename: a crash never leaves half a
+    file. Written through a Python file object, so a full disk is an OSError (→ DiskFullError naming
+    ``path``), not torch's "enforce fail at inline_container.cc"."""
+    atomic_write(path, lambda fh: torch.save(obj, fh))
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -90,12 +85,5 @@ def load_model_weights(model: nn.Module, path: str | Path, *, strict: bool = Tru
 
 def save_weights(model: nn.Module, path: str | Path) -> None:
     """Model weights as safetensors, written atomically (shared tensors are cloned)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-    try:
-        save_file(state, str(tmp))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write_path(path, lambda tmp: save_file(state, str(tmp)))

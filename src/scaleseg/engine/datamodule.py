@@ -1,7 +1,6 @@
 """Datasets and loaders from a config: deterministic, rank-sharded and resumable mid-epoch."""
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -11,37 +10,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..config import Config, DataConfig
-from ..data import DATASETS
+from ..data.build import DATASET_OPTIONS, build_dataset  # noqa: F401 - re-exported
 from ..data.sampler import EpochSampler
 from ..data.transforms import eval_transform, train_transform
-from ..errors import ConfigError
-
-# DataConfig fields that are dataset-specific options, passed only when set.
-DATASET_OPTIONS = ("classes", "palette", "ignore_index", "list_file", "image_dir", "mask_dir",
-                   "version", "label_type", "num_images", "image_size")
-
-
-def build_dataset(data: DataConfig, split: str, transform: Any = None, seed: int = 0) -> Any:
-    """The configured dataset's ``split``; options the dataset does not take are config errors."""
-    make = DATASETS[data.dataset]
-    accepted = inspect.signature(make).parameters
-    takes_kwargs = any(p.kind is p.VAR_KEYWORD for p in accepted.values())
-    options = {}
-    for key in DATASET_OPTIONS:
-        value = getattr(data, key)
-        if value is None:
-            continue
-        if key not in accepted and not takes_kwargs:
-            raise ConfigError(f"config key 'data.{key}' is not used by dataset '{data.dataset}'; remove it")
-        if key == "image_size":  # ScaleScenes generates images of this (H, W)
-            key, value = "size", tuple(value)
-        options[key] = value
-    if data.root is None and data.dataset != "scalescenes":
-        raise ConfigError(f"config key 'data.root' is not set; dataset '{data.dataset}' needs the folder that holds it")
-    dataset = make(data.root, split, transform, **options)
-    dataset.seed = seed
-    return dataset
-
 
 class ResumableLoader(DataLoader):
     """A DataLoader Lightning can checkpoint mid-epoch. Its state is (epoch, batches trained), where

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from ..config import load_config
 from ..metrics import ConfusionMatrix, scores
@@ -70,7 +71,7 @@ def compare(model: HierarchicalAttention, loader: Any, class_names: Sequence[str
     mats = {name: ConfusionMatrix(len(class_names)) for name in variant_names()}
     model.eval()
     with torch.inference_mode():
-        for batch in loader:
+        for batch in tqdm(loader, desc=f"evaluating {len(mats)} inference variants", unit="batch", leave=False):
             for name, logits in variant_logits(model, batch["image"]).items():
                 mats[name].update(logits.argmax(1), batch["mask"])
     return {name: scores(mats[name].compute(), class_names) for name in variant_names()}

@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import json
+import os
+from collections import Counter
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +16,7 @@ from tqdm import tqdm
 from ..config import Config
 from ..data.base import read_image
 from ..data.spec import DatasetSpec
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from ..metrics import format_table
 from ..models.dsrl import count_flops
 from ..models.factory import create_model
@@ -127,11 +130,71 @@ def normalize(images: np.ndarray, mean: Sequence[float], std: Sequence[float], d
     return (x - m) / s
 
 
+@dataclass
+class PredictResult:
+    """What ``predict`` did: label PNGs written, inputs skipped (path, reason), inputs whose output
+    name keeps the extension because another input has the same stem."""
+
+    written: list[Path] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    renamed: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.written)
+
+
+def output_names(files: list[tuple[Path, Path]]) -> tuple[list[tuple[Path, Path]], list[str]]:
+    """(file, output stem) per input, all distinct. Inputs found under the same relative path in
+    different folders mirror their paths below the folders' common parent; inputs whose stems
+    collide (``x.png`` and ``x.jpg``) keep the extension (``x.png_label.png``, ``x.jpg_label.png``)."""
+    rels = [rel for _, rel in files]
+    if len({str(r).lower() for r in rels}) < len({f.resolve() for f, _ in files}):
+        common = Path(os.path.commonpath([str(f.resolve().parent) for f, _ in files]))
+        rels = [f.resolve().relative_to(common) for f, _ in files]
+    counts = Counter(str(r.with_suffix("")).lower() for r in rels)
+    named, renamed = [], []
+    for (path, _), rel in zip(files, rels):
+        if counts[str(rel.with_suffix("")).lower()] > 1:
+            named.append((path, rel))  # the whole name, extension included, is the stem
+            renamed.append(str(rel))
+        else:
+            named.append((path, rel.with_suffix("")))
+    return named, renamed
+
+
+def _readable_batches(files: list[tuple[Path, Path]], batch_size: int, skip_bad: bool,
+                      skipped: list[tuple[str, str]]) -> Iterator[list[tuple[Path, Path, np.ndarray]]]:
+    """Batches of equal-size images. An unreadable file is skipped (and listed) with ``skip_bad``;
+    without it the images read so far are yielded first, then its DataError is raised."""
+    batch: list[tuple[Path, Path, np.ndarray]] = []
+    for path, stem in files:
+        try:
+            image = read_image(path)
+        except DataError as err:
+            if not skip_bad:
+                if batch:
+                    yield batch
+                raise
+            skipped.append((str(path), err.reason or str(err)))
+            continue
+        if batch and (len(batch) == batch_size or batch[0][2].shape != image.shape):
+            yield batch
+            batch = []
+        batch.append((path, stem, image))
+    if batch:
+        yield batch
+
+
 def predict(cfg: Config, checkpoint: str | Path, inputs: Sequence[str | Path], out_dir: str | Path,
-            batch_size: int = 4) -> list[Path]:
+            batch_size: int = 4, skip_bad: bool = False) -> PredictResult:
     """Write ``<name>_label.png`` (ids), ``<name>_color.png`` (palette PNG) and ``<name>_overlay.png``
-    per image, in batches of equal-size images, with a progress bar. Labels are at the model's output
-    resolution (a DSRL model: 1/lr_scale × the input; the overlay shows the upsampled image)."""
+    per image (names: :func:`output_names`), in batches of equal-size images, with a progress bar.
+    Labels are at the model's output resolution (a DSRL model: 1/lr_scale × the input; the overlay shows
+    the upsampled image). An unreadable image stops the command (after writing the images before it)
+    unless ``skip_bad``."""
+    if batch_size < 1:
+        raise ConfigError(f"predict batch_size={batch_size}: expected >= 1")
+    files, renamed = output_names(collect_images(inputs))
     spec = label_spec(cfg)
     model = create_model(cfg, spec.num_classes)
     load_model_weights(model, checkpoint)
@@ -139,19 +202,19 @@ def predict(cfg: Config, checkpoint: str | Path, inputs: Sequence[str | Path], o
     model.to(device).eval()
     infer = make_predictor(model, cfg)
     palette = spec.palette_array()
-    files = collect_images(inputs)
     out = Path(out_dir)
-    written: list[Path] = []
+    result = PredictResult(renamed=renamed)
     with torch.inference_mode(), tqdm(total=len(files), desc="predict", unit="img") as bar:
-        for batch in _same_size_batches(files, batch_size):
+        for batch in _readable_batches(files, batch_size, skip_bad, result.skipped):
             x = normalize(np.stack([b[2] for b in batch]), model.mean, model.std, device)
             labels = infer(x).argmax(1).to(torch.uint8).cpu().numpy()
-            for (_, rel, image), label in zip(batch, labels):
-                stem = out / rel.with_suffix("")
+            for (_, stem, image), label in zip(batch, labels):
+                base = out / stem
                 color = colorize(label, palette)
-                save_png(f"{stem}_label.png", label)
-                save_png(f"{stem}_color.png", label, palette=palette)  # palette PNG: ids + colours
-                save_png(f"{stem}_overlay.png", overlay(resize_image(image, label.shape), color, 0.5))
-                written.append(Path(f"{stem}_label.png"))
-            bar.update(len(batch))
-    return written
+                save_png(f"{base}_label.png", label)
+                save_png(f"{base}_color.png", label, palette=palette)  # palette PNG: ids + colours
+                save_png(f"{base}_overlay.png", overlay(resize_image(image, label.shape), color, 0.5))
+                result.written.append(Path(f"{base}_label.png"))
+            bar.n = len(result.written) + len(result.skipped)
+            bar.refresh()
+    return result

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -13,7 +14,7 @@ from torch import nn
 
 from ..config import Config, to_dict
 from ..data.base import sample_seed
-from ..errors import ConfigError
+from ..errors import ConfigError, DivergedError
 from ..inference import Inferencer
 from ..metrics import ConfusionMatrix, scores
 from ..types import StepInfo
@@ -89,6 +90,7 @@ class SegTask(L.LightningModule):
         self.max_steps = 1  # set by the caller from the data length (see engine.train.steps_per_epoch)
         self.last_scores: dict[str, Any] | None = None
         self.last_confusion: torch.Tensor | None = None
+        self.last_losses: dict[str, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ training
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
@@ -100,14 +102,30 @@ class SegTask(L.LightningModule):
         step = StepInfo(self.global_step, self.max_steps, self.current_epoch)
         losses = self.model.training_losses(batch, step)
         loss = torch.stack([v.float() for v in losses.values()]).sum()
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite training loss at step {self.global_step}: " + ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items()))
+        self.last_losses = {k: v.detach() for k, v in losses.items()}
+        self.check_finite(loss)
         bs = batch["image"].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         for name, value in losses.items():
             self.log(f"train/{name}", value.detach(), batch_size=bs)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=bs)
         return loss
+
+    def check_finite(self, loss: torch.Tensor) -> None:
+        """A non-finite loss (on any rank) stops training with a DivergedError naming the step and the
+        terms, after writing the weights before this step to ``checkpoints/last_finite.ckpt``."""
+        nonfinite = not bool(torch.isfinite(loss))
+        trainer = self._trainer
+        if trainer is None:
+            if nonfinite:
+                raise DivergedError(f"non-finite training loss at step {self.global_step}: "
+                                    + ", ".join(f"{k}={v.item():.4g}" for k, v in self.last_losses.items()))
+            return
+        if trainer.strategy.reduce_boolean_decision(nonfinite, all=False):
+            from .guards import diverged
+
+            raise diverged(trainer, self.model, self.last_losses, "loss", Path(self.cfg.output_dir) / "checkpoints",
+                           self.cfg.optim.lr, self.cfg.train.precision)
 
     def configure_optimizers(self) -> Any:
         o = self.cfg.optim
