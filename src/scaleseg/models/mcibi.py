@@ -451,8 +451,10 @@ class SelfAttentionBlock(nn.Module):
         q = self.query_project(query).flatten(2).transpose(1, 2)  # B×hw×T
         k = self.key_project(kv).flatten(2).transpose(1, 2)  # B×h'w'×T
         v = self.value_project(kv).flatten(2).transpose(1, 2)
-        context = F.scaled_dot_product_attention(q, k, v)  # B×hw×T
-        return self.out_project(context.transpose(1, 2).reshape(b, self.transform_channels, h, w))
+        # one head as a 4-D B×1×hw×T batch: the layout every backend (and the ONNX exporter) supports
+        context = F.scaled_dot_product_attention(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)).squeeze(1)
+        # contiguous: a transposed view's strides depend on whether B is 1, which would pin the exported batch
+        return self.out_project(context.transpose(1, 2).reshape(b, self.transform_channels, h, w).contiguous())
 
 
 class MemoryContext(nn.Module):
@@ -502,7 +504,8 @@ class MemoryContext(nn.Module):
     def gather_memory(memory_logits: Tensor, memory: Tensor) -> Tensor:
         """``C_bi′ = softmax_K(memory_logits)·M``: ``B×K×h×w``, ``K×C`` → ``B×C×h×w``."""
         weights = memory_logits.softmax(dim=1)
-        return torch.einsum("bkhw,kc->bchw", weights, memory.to(weights.dtype))
+        # contiguous: einsum returns a permuted view whose strides depend on whether B is 1 (export)
+        return torch.einsum("bkhw,kc->bchw", weights, memory.to(weights.dtype)).contiguous()
 
     def forward(self, last_level: Tensor, context: Tensor | None = None) -> dict[str, Tensor]:
         """``last_level`` ``B×Cin×h×w``, ``context`` ``B×context_channels×h×w`` or None → dict above."""

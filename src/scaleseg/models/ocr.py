@@ -35,7 +35,8 @@ class SpatialGather(nn.Module):
     def forward(self, feats: Tensor, logits: Tensor) -> Tensor:
         probs = torch.softmax(logits.flatten(2), dim=2)  # B×K×HW
         regions = probs @ feats.flatten(2).transpose(1, 2)  # B×K×C
-        return regions.transpose(1, 2).unsqueeze(3)
+        # contiguous: a transposed view's strides depend on whether B is 1, which would pin an exported batch
+        return regions.transpose(1, 2).unsqueeze(3).contiguous()
 
 
 class ObjectAttention(nn.Module):
@@ -61,7 +62,7 @@ class ObjectAttention(nn.Module):
         key = self.f_object(proxy).flatten(2)  # B×Ck×K
         value = self.f_down(proxy).flatten(2).transpose(1, 2)  # B×K×Ck
         sim = torch.softmax((query @ key) * self.key_channels**-0.5, dim=-1)  # B×HW×K
-        context = (sim @ value).transpose(1, 2).reshape(b, self.key_channels, h, w)
+        context = (sim @ value).transpose(1, 2).reshape(b, self.key_channels, h, w).contiguous()
         return self.f_up(context)
 
 
