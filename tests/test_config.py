@@ -88,7 +88,7 @@ def test_separable_head_from_config():
                                                           "model.decoder_channels=32"]))
     assert sep.head.separable and not full.head.separable
     assert sep.head.aspp.branches[1][0].groups == sep.backbone.channels[-1]
-    assert len(sep.head.final) == 2 and sep.head.final[0][3].out_channels == 32
+    assert len(sep.head.final) == 2 and sep.head.final[0][1].out_channels == 32
     assert sum(p.numel() for p in sep.parameters()) < sum(p.numel() for p in full.parameters())
     with pytest.raises(ConfigError, match="model.separable"):
         load_config(None, ["model.arch=pspnet", "model.separable=true"])

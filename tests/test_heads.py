@@ -171,21 +171,19 @@ def test_invalid_level_index():
 def test_separable_conv_is_depthwise_then_pointwise():
     torch.manual_seed(0)
     block = SeparableConvBNReLU(6, 10, 3, dilation=2).eval()
-    dw, bn0, _, pw, bn1, _ = block
+    dw, pw, bn, _ = block
     assert (dw.groups, dw.in_channels, dw.out_channels, dw.dilation, dw.padding) == (6, 6, 6, (2, 2), (2, 2))
     assert pw.kernel_size == (1, 1) and dw.bias is None and pw.bias is None
-    for bn in (bn0, bn1):  # non-trivial statistics so BN is not an identity
-        bn.running_mean.uniform_(-1, 1)
-        bn.running_var.uniform_(0.5, 2)
+    bn.running_mean.uniform_(-1, 1)  # non-trivial statistics so BN is not an identity
+    bn.running_var.uniform_(0.5, 2)
     x = torch.randn(2, 6, 9, 11)
-    # by hand: per-channel 3×3 dilated conv, BN, ReLU, then channel mixing, BN, ReLU
+    # by hand: per-channel 3×3 dilated conv, then channel mixing, BN, ReLU
     depth = torch.cat([F.conv2d(x[:, c : c + 1], dw.weight[c : c + 1], padding=2, dilation=2) for c in range(6)], 1)
-    depth = F.relu(F.batch_norm(depth, bn0.running_mean, bn0.running_var, bn0.weight, bn0.bias, eps=bn0.eps))
     point = torch.einsum("oc,bchw->bohw", pw.weight[:, :, 0, 0], depth)
-    point = F.relu(F.batch_norm(point, bn1.running_mean, bn1.running_var, bn1.weight, bn1.bias, eps=bn1.eps))
+    point = F.relu(F.batch_norm(point, bn.running_mean, bn.running_var, bn.weight, bn.bias, eps=bn.eps))
     torch.testing.assert_close(block(x), point)
-    # parameters: 9·Cin (depthwise) + Cin·Cout (pointwise) + 2·(Cin + Cout) (BN affine)
-    assert sum(p.numel() for p in block.parameters()) == 9 * 6 + 6 * 10 + 2 * (6 + 10)
+    # parameters: 9·Cin (depthwise) + Cin·Cout (pointwise) + 2·Cout (BN affine)
+    assert sum(p.numel() for p in block.parameters()) == 9 * 6 + 6 * 10 + 2 * 10
 
 
 def test_separable_deeplabv3plus_head():
@@ -197,11 +195,11 @@ def test_separable_deeplabv3plus_head():
     assert [(c.groups, c.dilation[0]) for c in atrous] == [(24, 6), (24, 12), (24, 18)]
     # decoder: two separable 3×3 convs 304 → 256 → 256, then the 1×1 classifier
     assert [m[0].groups for m in sep.final[:2]] == [304, 256]
-    assert [m[3].out_channels for m in sep.final[:2]] == [256, 256]
+    assert [m[1].out_channels for m in sep.final[:2]] == [256, 256]
     n_full = sum(p.numel() for p in full.final.parameters())
     n_sep = sum(p.numel() for p in sep.final.parameters())
     assert n_full == 304 * 256 * 9 + 256 * 256 * 9 + 4 * 256 + 256 * 5
-    assert n_sep == (304 * 9 + 304 * 256 + 2 * (304 + 256)) + (256 * 9 + 256 * 256 + 4 * 256) + 256 * 5
+    assert n_sep == (304 * 9 + 304 * 256 + 2 * 256) + (256 * 9 + 256 * 256 + 2 * 256) + 256 * 5
     out = sep(_features([4, 8, 16, 16]))
     assert out["logits"].shape == (2, 5, 16, 16) and out["feats"].shape == (2, 304, 16, 16)
 

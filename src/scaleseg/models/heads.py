@@ -51,18 +51,19 @@ class ConvBNReLU(nn.Sequential):
 class SeparableConvBNReLU(nn.Sequential):
     """Atrous depthwise-separable conv: ``B×in×H×W → B×out×H×W`` with "same" padding.
 
-    Depthwise ``kernel_size``×``kernel_size`` conv (dilated, no bias) → BN → ReLU → pointwise 1×1
-    (no bias) → BN → ReLU: the DeepLabV3+ paper's "atrous separable convolution" as its TF
-    reference builds it (``split_separable_conv2d``: BN and ReLU after both convolutions; mmseg's
-    ``DepthwiseSeparableConvModule`` does the same). smp omits the inner BN + ReLU.
+    Depthwise ``kernel_size``×``kernel_size`` conv (dilated, no bias) → pointwise 1×1 (no bias) →
+    BN → ReLU: the DeepLabV3+ paper's "atrous separable convolution".
+
+    Deliberate difference: the paper's TF reference (``split_separable_conv2d``) also puts BN + ReLU
+    between the depthwise and the pointwise conv. We follow Xception (Chollet 2017, §4.7: without an
+    intermediate non-linearity it converges faster and ends better) and smp; this saves one BN and
+    one stored activation of the input's size per conv (on R-50 at 2×512×512: 82 MiB per step).
     """
 
     def __init__(self, in_ch: int, out_ch: int, kernel_size: int = 3, *, dilation: int = 1) -> None:
         padding = dilation * (kernel_size // 2)
         super().__init__(
             nn.Conv2d(in_ch, in_ch, kernel_size, padding=padding, dilation=dilation, groups=in_ch, bias=False),
-            nn.BatchNorm2d(in_ch),
-            nn.ReLU(inplace=True),
             nn.Conv2d(in_ch, out_ch, 1, bias=False),
             nn.BatchNorm2d(out_ch),
             nn.ReLU(inplace=True),
