@@ -159,6 +159,8 @@ class TrainConfig:
     limit_train_batches: int | None = None
     checkpoint_every_n_steps: int | None = None
     progress: bool = True
+    channels_last: bool = False  # model and batches in NHWC memory format (see engine/speed.py)
+    compile: bool = False  # torch.compile the backbone and heads in place for training
 
 
 @dataclass
@@ -173,6 +175,11 @@ class EvalConfig:
     batch_size: int = 1
     num_workers: int = 2
     base_size: int | None = None
+    compile: bool = False  # torch.compile the backbone and heads in place for eval / predict
+    # whole-image inference of an image (or a scale of it) with more pixels than this runs in windows
+    # with the same logits (scaleseg/tiling.py); null: never. tile_margin null: the receptive field
+    max_pixels: int | None = 4_194_304
+    tile_margin: int | None = None
 
 
 @dataclass
@@ -361,6 +368,11 @@ def check(cfg: Config) -> None:
         raise ConfigError("config key 'data.autolabel.mix' = 'boost' needs data.class_uniform_pct > 0")
     if cfg.eval.scales is not None and any(s <= 0 for s in cfg.eval.scales):
         raise ConfigError(f"config key 'eval.scales' = {cfg.eval.scales}: expected positive scales")
+    e = cfg.eval
+    if e.max_pixels is not None and e.max_pixels < 1:
+        raise ConfigError(f"config key 'eval.max_pixels' = {e.max_pixels}: expected a positive pixel count or null")
+    if e.tile_margin is not None and e.tile_margin < 0:
+        raise ConfigError(f"config key 'eval.tile_margin' = {e.tile_margin}: expected >= 0 or null")
     m = cfg.model
     if m.separable and (m.arch not in ("deeplabv3plus", "deeplabv3") or m.mcibi.enabled):
         raise ConfigError(f"config key 'model.separable' = true needs model.arch deeplabv3plus or deeplabv3 "

@@ -15,8 +15,10 @@ from ..config import Config, to_dict
 from ..data.base import sample_seed
 from ..errors import ConfigError
 from ..inference import Inferencer
+from ..tiling import TiledInference, hierarchical_logits
 from ..metrics import ConfusionMatrix, scores
 from ..types import StepInfo
+from .speed import batch_to_channels_last, to_channels_last
 
 
 def poly_factor(step: int, max_steps: int, power: float, warmup_steps: int = 0, warmup_ratio: float = 0.1) -> float:
@@ -41,14 +43,19 @@ def make_predictor(model: nn.Module, cfg: Config) -> Callable[[torch.Tensor], to
         raise ConfigError("config key 'eval.scale_mode' = 'hierarchical' needs model.hmsa.mode=hierarchical")
     chain = hierarchical and e.scale_mode in ("auto", "hierarchical")
     pool_scales = e.scales if e.scales and not chain else None
+    tiling = TiledInference(model, e.max_pixels, e.tile_margin) if e.max_pixels is not None and e.mode == "whole" else None
     inferencer = Inferencer(
         mode=e.mode, crop_size=tuple(e.crop_size) if e.crop_size else None,
         stride=tuple(e.stride) if e.stride else None, flip=e.flip, scales=pool_scales,
         scale_mode="avg" if e.scale_mode in ("auto", "hierarchical") else e.scale_mode,
+        tiling=None if chain else tiling,
     )
     if chain:
         scales = tuple(e.scales or [1.0])
-        fn: Callable[[torch.Tensor], torch.Tensor] = lambda x: model.forward_features(x, scales=scales)["logits"]
+        if tiling is not None:
+            fn: Callable[[torch.Tensor], torch.Tensor] = lambda x: hierarchical_logits(model, x, scales, tiling)
+        else:
+            fn = lambda x: model.forward_features(x, scales=scales)["logits"]
     elif hierarchical:
         fn = lambda x: model.forward_features(x, scales=[1.0])["logits"]
     else:
@@ -76,6 +83,9 @@ class SegTask(L.LightningModule):
         super().__init__()
         self.model = model
         self.cfg = cfg
+        self.channels_last = cfg.train.channels_last
+        if self.channels_last:
+            to_channels_last(model)
         self.class_names = list(class_names)
         self.predictor = make_predictor(model, cfg)
         self.val_cm = ConfusionMatrix(len(class_names))
@@ -85,6 +95,9 @@ class SegTask(L.LightningModule):
         self.last_confusion: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ training
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        return batch_to_channels_last(batch) if self.channels_last else batch
+
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         # Re-seed the global RNG (dropout, random choices inside methods) from (seed, step), so that a
         # resumed run replays exactly what the uninterrupted run did from the step it stopped at.

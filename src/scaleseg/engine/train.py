@@ -15,6 +15,7 @@ from ..errors import CheckpointError
 from ..models.factory import create_model
 from .checkpoint import AtomicCheckpointIO, save_weights
 from .datamodule import SegDataModule
+from .speed import compile_blocks
 from .task import SegTask
 
 
@@ -102,6 +103,8 @@ def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
     model = create_model(cfg, dm.spec.num_classes)
     dm.set_normalization(model.mean, model.std)
     task = SegTask(model, cfg, list(dm.spec.classes))
+    if cfg.train.compile:
+        compile_blocks(model)
     trainer = build_trainer(cfg, ckpt_dir)
     dm.setup("fit")
     task.max_steps = cfg.train.epochs * steps_per_epoch(dm.train_length, cfg, trainer.world_size)

@@ -94,6 +94,9 @@ class ASPP(nn.Module):
     The projection plays the role of the NVIDIA reference's ``bot_aspp``. ``separable=True`` makes
     the three atrous branches depthwise-separable (:class:`SeparableConvBNReLU`, DeepLabV3+).
 
+    ``image_mean`` (``B×in_ch×1×1`` or None): when set, the pooling branch uses it instead of the
+    input's mean; tiled inference (``scaleseg.tiling``) sets it to the whole image's mean.
+
     Deliberate difference: the pooling branch's BatchNorm runs on the broadcast map instead of the
     ``B×C×1×1`` pooled tensor. The normalising batch mean and variance are identical (every pixel
     holds the same value; only the unbiased running-variance update differs by n/(n-1)), and
@@ -120,10 +123,12 @@ class ASPP(nn.Module):
         self.pool_bn = nn.BatchNorm2d(out_ch)
         n = len(self.branches) + 1
         self.project = nn.Sequential(ConvBNReLU(n * out_ch, out_ch, 1), nn.Dropout(dropout))
+        self.image_mean: Tensor | None = None
 
     def forward(self, x: Tensor) -> Tensor:
         outs = [branch(x) for branch in self.branches]
-        pooled = self.pool_conv(x.mean(dim=(2, 3), keepdim=True))
+        mean = x.mean(dim=(2, 3), keepdim=True) if self.image_mean is None else self.image_mean
+        pooled = self.pool_conv(mean)
         outs.append(F.relu(self.pool_bn(pooled.expand(-1, -1, *x.shape[2:]))))
         return self.project(torch.cat(outs, dim=1))
 
