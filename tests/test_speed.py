@@ -140,3 +140,15 @@ def test_bf16_mixed_on_cpu_gives_the_fp32_step_within_bf16_precision():
     g32 = torch.cat([g.flatten() for g in grads32.values()])
     g16 = torch.cat([p.grad.flatten() for n, p in model.named_parameters() if n in grads32])
     assert torch.nn.functional.cosine_similarity(g32, g16, dim=0) > 0.95
+
+
+def test_bf16_on_a_cpu_without_native_bf16_is_announced(caplog, monkeypatch):
+    from scaleseg.engine.speed import warn_emulated_bf16
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    with caplog.at_level("WARNING", logger="scaleseg.train"):
+        assert warn_emulated_bf16("bf16-mixed", "cpu")
+        assert not warn_emulated_bf16("32", "cpu")
+    assert "without native bf16" in caplog.text
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    assert not warn_emulated_bf16("bf16-mixed", "cpu")

@@ -180,6 +180,12 @@ class EvalConfig:
     # with the same logits (scaleseg/tiling.py); null: never. tile_margin null: the receptive field
     max_pixels: int | None = 4_194_304
     tile_margin: int | None = None
+    # hierarchical models: run the top scale (> 1) only on tiles where it can change the fused
+    # prediction (scaleseg/sparse.py); tile in 1.0-scale px, margin in top-scale px
+    sparse: bool = False
+    sparse_threshold: float = 2.0
+    sparse_tile: int = 16
+    sparse_margin: int = 32
 
 
 @dataclass
@@ -371,6 +377,9 @@ def check(cfg: Config) -> None:
     e = cfg.eval
     if e.max_pixels is not None and e.max_pixels < 1:
         raise ConfigError(f"config key 'eval.max_pixels' = {e.max_pixels}: expected a positive pixel count or null")
+    if e.sparse_tile < 1 or e.sparse_margin < 0 or e.sparse_threshold < 0:
+        raise ConfigError(f"config keys 'eval.sparse_tile' = {e.sparse_tile}, 'eval.sparse_margin' = {e.sparse_margin}, "
+                          f"'eval.sparse_threshold' = {e.sparse_threshold}: expected tile >= 1, margin >= 0, threshold >= 0")
     if e.tile_margin is not None and e.tile_margin < 0:
         raise ConfigError(f"config key 'eval.tile_margin' = {e.tile_margin}: expected >= 0 or null")
     m = cfg.model

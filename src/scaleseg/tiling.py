@@ -30,6 +30,7 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +39,7 @@ from torch import Tensor, nn
 from scaleseg.errors import ConfigError
 
 __all__ = ["Tile", "plan_tiles", "receptive_radius", "image_pooling_modules", "tiled_maps", "tiled_logits",
-           "resized_core", "tile_plan_note", "hierarchical_logits", "TiledInference"]
+           "resized_core", "tile_plan_note", "hierarchical_logits", "TiledInference", "chain_function"]
 
 log = logging.getLogger("scaleseg.inference")
 UnitFn = Callable[[Tensor], dict[str, Tensor]]
@@ -413,3 +414,17 @@ def hierarchical_logits(model: nn.Module, x: Tensor, scales: Sequence[float], ti
         pred = new
     assert pred is not None
     return pred
+
+
+def chain_function(model: nn.Module, scales: Sequence[float], e: Any,
+                   tiling: TiledInference | None) -> Callable[[Tensor], Tensor]:
+    """``x → logits`` of a ``HierarchicalAttention`` model chained over ``scales`` as the eval
+    config ``e`` asks: sparse top scale (``e.sparse``), tiled above the budget, or dense."""
+    if e.sparse:
+        from scaleseg.sparse import config_kwargs, sparse_hierarchical
+
+        kwargs = config_kwargs(e)
+        return lambda x: sparse_hierarchical(model, x, scales, **kwargs).logits
+    if tiling is not None:
+        return lambda x: hierarchical_logits(model, x, scales, tiling)
+    return lambda x: model.forward_features(x, scales=scales)["logits"]

@@ -10,12 +10,15 @@ GPU); the losses run in float32 (see ``losses.ce``).
 """
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["compile_blocks", "to_channels_last", "batch_to_channels_last"]
+__all__ = ["compile_blocks", "to_channels_last", "batch_to_channels_last", "warn_emulated_bf16"]
+
+log = logging.getLogger("scaleseg.train")
 
 
 def _is_model(module: nn.Module) -> bool:
@@ -54,3 +57,14 @@ def batch_to_channels_last(batch: Any) -> Any:
     return {k: v.contiguous(memory_format=torch.channels_last)
             if isinstance(v, torch.Tensor) and v.ndim == 4 and v.is_floating_point() else v
             for k, v in batch.items()}
+
+
+def warn_emulated_bf16(precision: str, accelerator: str) -> bool:
+    """Warn (and return True) when bf16 would run on a CPU without native bf16 (AVX512-BF16 or
+    AMX): oneDNN then emulates it, many times slower than float32 (benchmarks/speed_switches.py)."""
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+    if precision.startswith("bf16") and on_cpu and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        log.warning("train.precision=%s on a CPU without native bf16 (%s): emulated, many times slower "
+                    "than float32; use train.precision=32 here", precision, torch.backends.cpu.get_cpu_capability())
+        return True
+    return False

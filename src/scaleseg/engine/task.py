@@ -15,7 +15,7 @@ from ..config import Config, to_dict
 from ..data.base import sample_seed
 from ..errors import ConfigError
 from ..inference import Inferencer
-from ..tiling import TiledInference, hierarchical_logits
+from ..tiling import TiledInference, chain_function
 from ..metrics import ConfusionMatrix, scores
 from ..types import StepInfo
 from .speed import batch_to_channels_last, to_channels_last
@@ -50,12 +50,10 @@ def make_predictor(model: nn.Module, cfg: Config) -> Callable[[torch.Tensor], to
         scale_mode="avg" if e.scale_mode in ("auto", "hierarchical") else e.scale_mode,
         tiling=None if chain else tiling,
     )
+    if e.sparse and not chain:
+        raise ConfigError("config key 'eval.sparse' = true needs model.hmsa.mode=hierarchical (chained eval.scales)")
     if chain:
-        scales = tuple(e.scales or [1.0])
-        if tiling is not None:
-            fn: Callable[[torch.Tensor], torch.Tensor] = lambda x: hierarchical_logits(model, x, scales, tiling)
-        else:
-            fn = lambda x: model.forward_features(x, scales=scales)["logits"]
+        fn: Callable[[torch.Tensor], torch.Tensor] = chain_function(model, tuple(e.scales or [1.0]), e, tiling)
     elif hierarchical:
         fn = lambda x: model.forward_features(x, scales=[1.0])["logits"]
     else:

@@ -15,7 +15,7 @@ from ..errors import CheckpointError
 from ..models.factory import create_model
 from .checkpoint import AtomicCheckpointIO, save_weights
 from .datamodule import SegDataModule
-from .speed import compile_blocks
+from .speed import compile_blocks, warn_emulated_bf16
 from .task import SegTask
 
 
@@ -105,6 +105,7 @@ def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
     task = SegTask(model, cfg, list(dm.spec.classes))
     if cfg.train.compile:
         compile_blocks(model)
+    warn_emulated_bf16(cfg.train.precision, cfg.train.accelerator)
     trainer = build_trainer(cfg, ckpt_dir)
     dm.setup("fit")
     task.max_steps = cfg.train.epochs * steps_per_epoch(dm.train_length, cfg, trainer.world_size)
