@@ -318,14 +318,14 @@ def _to_input(t: Tensor, size: Sequence[int], stride: int) -> Tensor:
 
 def hmsa_unit(model: nn.Module, with_attn: bool) -> UnitFn:
     """One scale of a ``HierarchicalAttention`` model on a window: its base's logits and, with
-    ``with_attn``, the gate ``scale_attn(feats)`` at the window's size."""
-    stride = model.stride
+    ``with_attn``, the gate (``model.attention``) at the window's size."""
+    from scaleseg.models.contract import Run
 
     def unit(window: Tensor) -> dict[str, Tensor]:
         out = model.base.forward_features(window)
         res = {"logits": out["logits"]}
         if with_attn:
-            res["attn"] = _to_input(model.scale_attn(out["feats"]), window.shape[-2:], stride)
+            res["attn"] = model.attention(Run(out, 1.0))
         return res
 
     return unit
@@ -345,6 +345,10 @@ class TiledInference:
             raise ConfigError(f"eval.max_pixels={self.max_pixels}: expected a positive number of pixels")
         self.aspp, self.approximate = image_pooling_modules(self.model)
         self.stride = int(self.model.stride)
+        # windows are cut on the input grid: models whose output grid differs (DSRL) or that
+        # stretch unpadded inputs instead of padding (input_fit=stretch) run whole
+        self.enabled = getattr(self.model, "output_scale", 1) == 1 and not any(
+            getattr(m, "input_fit", "pad") == "stretch" for m in self.model.modules())
 
     def margin_for(self, unit: UnitFn, device: torch.device) -> int:
         if self.margin is None:
@@ -353,6 +357,10 @@ class TiledInference:
         return self.margin
 
     def fits(self, h: int, w: int) -> bool:
+        if h * w > self.max_pixels and not self.enabled:
+            _note_once(f"{h}×{w} image exceeds eval.max_pixels={self.max_pixels}, but this model's output grid "
+                       "is not its input grid (DSRL / input_fit=stretch): running it whole")
+            return True
         return h * w <= self.max_pixels
 
     def logits(self, fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:

@@ -102,7 +102,7 @@ def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
     dm = SegDataModule(cfg)
     model = create_model(cfg, dm.spec.num_classes)
     dm.set_normalization(model.mean, model.std)
-    task = SegTask(model, cfg, list(dm.spec.classes))
+    task = SegTask(model, cfg, list(dm.spec.classes), scales=cfg.train.val_scales)
     if cfg.train.compile:
         compile_blocks(model)
     warn_emulated_bf16(cfg.train.precision, cfg.train.accelerator)
