@@ -64,14 +64,14 @@ def test_channels_last_task_converts_model_and_batches_with_the_same_step():
     conv = next(m for m in model.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3))
     assert conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous()
     batch = _batch()
-    moved = task.on_after_batch_transfer(batch, 0)
+    moved = task.prepare_batch(batch)
     assert moved["image"].is_contiguous(memory_format=torch.channels_last)
     assert moved["mask"] is batch["mask"]
     _no_dropout(eager).train(), _no_dropout(model).train()
     _assert_same_step(eager, model, batch, moved, rtol=1e-4, atol=1e-5)
     # off by default: batches untouched
     plain = SegTask(eager, load_config(None, TINY), [str(i) for i in range(K)])
-    assert plain.on_after_batch_transfer(batch, 0) is batch
+    assert plain.prepare_batch(batch) is batch
     assert batch_to_channels_last(["not", "a", "dict"]) == ["not", "a", "dict"]
 
 

@@ -97,6 +97,10 @@ def test_tiled_logits_equal_whole_image_with_aspp_image_pooling():
         tiled = tiled_logits(model, x, budget, model.stride, margin, aspp)
         assert len(plan_tiles(120, 1500, budget, margin, (8, 8))) >= 2
         assert _rel(tiled, dense) < 1e-5  # everywhere, seams included
+        # the pooling pass only needs the context of the layers before the ASPP
+        tiling = TiledInference(model, max_pixels=budget)
+        assert _rel(tiling.logits(model, x), dense) < 1e-5
+        assert tiling.margin == margin and tiling.collect_margin < margin // 2
         # without the image-wide pooling, each window pools itself: clearly different
         local = tiled_logits(model, x, budget, model.stride, margin, ())
         assert _rel(local, dense) > 1e-4

@@ -172,12 +172,14 @@ def _collect_image_mean(unit: UnitFn, xs: Tensor, tiles: Sequence[Tile], aspp: n
     return torch.stack(total).sum(0) / cells
 
 
-def tiled_maps(unit: UnitFn, xs: Tensor, tiles: Sequence[Tile], stride: int,
-               aspp: Sequence[nn.Module] = ()) -> Iterator[tuple[Tile, dict[str, Tensor]]]:
+def tiled_maps(unit: UnitFn, xs: Tensor, tiles: Sequence[Tile], stride: int, aspp: Sequence[nn.Module] = (),
+               collect_tiles: Sequence[Tile] | None = None) -> Iterator[tuple[Tile, dict[str, Tensor]]]:
     """Run ``unit`` on every window of ``xs`` (``B×3×H×W``), yielding (tile, window outputs). With
-    one ASPP and more than one window, its image pooling is made image-wide (two passes)."""
+    one ASPP and more than one window, its image pooling is made image-wide (two passes); the first
+    pass runs on ``collect_tiles`` (default ``tiles``), whose margin need only cover the layers
+    before the ASPP."""
     if len(tiles) > 1 and len(aspp) == 1:
-        mean = _collect_image_mean(unit, xs, tiles, aspp[0], stride)
+        mean = _collect_image_mean(unit, xs, collect_tiles or tiles, aspp[0], stride)
         aspp[0].image_mean = mean
         try:
             for t in tiles:
@@ -213,9 +215,35 @@ def resized_core(window: Tensor, offset: tuple[int, int], core: tuple[int, int, 
     return (ty0, ty1, tx0, tx1), new
 
 
+def aspp_input_unit(unit: UnitFn, aspp: nn.Module, stride: int) -> UnitFn:
+    """``window → {"feat": the ASPP's input, repeated to the window's pixels}``: the part of the
+    network the first (pooling) pass runs, for :func:`receptive_radius`."""
+
+    def probe(window: Tensor) -> dict[str, Tensor]:
+        seen: list[Tensor] = []
+
+        def hook(module: nn.Module, args: tuple) -> None:
+            seen.append(args[0])
+            raise _Collected
+
+        handle = aspp.register_forward_pre_hook(hook)
+        try:
+            unit(window)
+        except _Collected:
+            pass
+        finally:
+            handle.remove()
+        feat = seen[0].repeat_interleave(stride, -2).repeat_interleave(stride, -1)
+        return {"feat": feat[..., : window.shape[-2], : window.shape[-1]]}
+
+    return probe
+
+
 def tiled_logits(fn: Callable[[Tensor], Tensor], x: Tensor, max_pixels: int, stride: int, margin: int,
-                 aspp: Sequence[nn.Module] = (), approximate: bool = False) -> Tensor:
-    """Single-scale logits ``B×K×H×W`` of ``fn`` on ``x``, in windows of at most ``max_pixels``."""
+                 aspp: Sequence[nn.Module] = (), approximate: bool = False,
+                 collect_margin: int | None = None) -> Tensor:
+    """Single-scale logits ``B×K×H×W`` of ``fn`` on ``x``, in windows of at most ``max_pixels``
+    (``collect_margin``: the margin of the ASPP pooling pass, default ``margin``)."""
     h, w = x.shape[-2:]
     tiles = plan_tiles(h, w, max_pixels, margin, (stride, stride))
     if len(tiles) > 1:
@@ -223,7 +251,8 @@ def tiled_logits(fn: Callable[[Tensor], Tensor], x: Tensor, max_pixels: int, str
     if len(tiles) == 1:
         return fn(x)
     out: Tensor | None = None
-    for t, maps in tiled_maps(lambda win: {"logits": fn(win)}, x, tiles, stride, aspp):
+    collect = None if collect_margin is None else plan_tiles(h, w, max_pixels, collect_margin, (stride, stride))
+    for t, maps in tiled_maps(lambda win: {"logits": fn(win)}, x, tiles, stride, aspp, collect):
         logits = maps["logits"]
         if logits.shape[-2:] != (t.y1 - t.y0, t.x1 - t.x0):
             raise ConfigError(f"tiled inference needs logits at the input size; this model gives "
@@ -254,8 +283,11 @@ def receptive_radius(unit: UnitFn, stride: int, aspp: Sequence[nn.Module] = (), 
     """Radius in pixels of the region of the input that can change one output pixel of ``unit``
     (logits and attention), rounded up to ``stride`` plus one ``stride`` of safety.
 
-    Forward-difference probe on two thin strips (a row and a column through the centre): a large
-    change of the centre pixel, and the extent of the outputs that change at all. The strips are
+    Forward-difference probe on two thin strips (a row and a column through the centre), on two
+    random inputs (a ReLU one input leaves closed the other may open): a large change of the centre
+    pixel, and the extent of the outputs that change at all. It measures the function the model
+    computes: a random-init timm ResNet, whose residual branches start at zero (``zero_init_last``),
+    reaches far less than the same network trained. The strips are
     long from the start (dilated taps jump: a short strip would hide a tap that lands outside it)
     and grow while the change reaches beyond a quarter of their length. ASPP image pooling is held
     at a constant (it is handled across windows separately), so it does not spread the change."""
@@ -264,7 +296,8 @@ def receptive_radius(unit: UnitFn, stride: int, aspp: Sequence[nn.Module] = (), 
     try:
         length = start
         while True:
-            radius = max(_strip_extent(unit, length, stride, axis, device) for axis in (-1, -2))
+            radius = max(_strip_extent(unit, length, stride, axis, device, seed)
+                         for axis in (-1, -2) for seed in (0, 1))
             if radius < length // 4:
                 return math.ceil(radius / stride) * stride + stride
             if length >= limit:
@@ -275,10 +308,10 @@ def receptive_radius(unit: UnitFn, stride: int, aspp: Sequence[nn.Module] = (), 
             m.image_mean = None
 
 
-def _strip_extent(unit: UnitFn, length: int, stride: int, axis: int, device: torch.device | None) -> int:
+def _strip_extent(unit: UnitFn, length: int, stride: int, axis: int, device: torch.device | None, seed: int) -> int:
     thin = 4 * stride
     shape = (1, 3, thin, length) if axis == -1 else (1, 3, length, thin)
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(seed)
     x = torch.randn(shape, generator=g).to(device)
     y = x.clone()
     centre = length // 2
@@ -345,15 +378,23 @@ class TiledInference:
             raise ConfigError(f"eval.max_pixels={self.max_pixels}: expected a positive number of pixels")
         self.aspp, self.approximate = image_pooling_modules(self.model)
         self.stride = int(self.model.stride)
+        self.collect_margin: int | None = None
         # windows are cut on the input grid: models whose output grid differs (DSRL) or that
         # stretch unpadded inputs instead of padding (input_fit=stretch) run whole
         self.enabled = getattr(self.model, "output_scale", 1) == 1 and not any(
             getattr(m, "input_fit", "pad") == "stretch" for m in self.model.modules())
 
     def margin_for(self, unit: UnitFn, device: torch.device) -> int:
+        """The context margin of the windows: ``eval.tile_margin``, else the measured receptive field.
+        Also measures the (smaller) margin of the ASPP pooling pass, :attr:`collect_margin`."""
         if self.margin is None:
             self.margin = receptive_radius(unit, self.stride, self.aspp, device)
             log.info("receptive field of the network: %d px (the context margin of tiled inference)", self.margin)
+        if self.collect_margin is None:
+            self.collect_margin = self.margin
+            if len(self.aspp) == 1:
+                probe = aspp_input_unit(unit, self.aspp[0], self.stride)
+                self.collect_margin = min(self.margin, receptive_radius(probe, self.stride, (), device))
         return self.margin
 
     def fits(self, h: int, w: int) -> bool:
@@ -369,7 +410,8 @@ class TiledInference:
         if self.fits(h, w):
             return fn(x)
         margin = self.margin_for(lambda win: {"logits": fn(win)}, x.device)
-        return tiled_logits(fn, x, self.max_pixels, self.stride, margin, self.aspp, self.approximate)
+        return tiled_logits(fn, x, self.max_pixels, self.stride, margin, self.aspp, self.approximate,
+                            self.collect_margin)
 
 
 def hierarchical_logits(model: nn.Module, x: Tensor, scales: Sequence[float], tiling: TiledInference) -> Tensor:
@@ -400,7 +442,10 @@ def hierarchical_logits(model: nn.Module, x: Tensor, scales: Sequence[float], ti
             _note_once(f"scale {s:g}: " + tile_plan_note(hs, ws, tiles, tiling.margin or 0, tiling.max_pixels,
                                                          tiling.approximate))
         new: Tensor | None = pred if s < 1.0 else None
-        for t, maps in tiled_maps(unit, xs, tiles, tiling.stride, tiling.aspp):
+        collect = None
+        if len(tiles) > 1 and tiling.collect_margin is not None:
+            collect = plan_tiles(hs, ws, tiling.max_pixels, tiling.collect_margin, (tiling.stride, tiling.stride))
+        for t, maps in tiled_maps(unit, xs, tiles, tiling.stride, tiling.aspp, collect):
             core = (t.cy0, t.cy1, t.cx0, t.cx1)
             p = maps["logits"]
             if s >= 1.0:

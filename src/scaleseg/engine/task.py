@@ -100,7 +100,8 @@ class SegTask(L.LightningModule):
         self.last_confusion: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ training
-    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+    def prepare_batch(self, batch: Any) -> Any:
+        """The batch as the model takes it: images channels-last with ``train.channels_last``."""
         return batch_to_channels_last(batch) if self.channels_last else batch
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
@@ -110,6 +111,7 @@ class SegTask(L.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         step = StepInfo(self.global_step, self.max_steps, self.current_epoch)
+        batch = self.prepare_batch(batch)
         losses = self.model.training_losses(batch, step)
         loss = torch.stack([v.float() for v in losses.values()]).sum()
         if not torch.isfinite(loss):
@@ -141,6 +143,7 @@ class SegTask(L.LightningModule):
         return logits
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        batch = self.prepare_batch(batch)
         mask = batch["mask"]
         logits = self.predict_logits(batch["image"], mask.shape[-2:])
         self.val_cm.update(logits.argmax(1), mask)
