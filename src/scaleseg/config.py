@@ -110,6 +110,11 @@ class ModelConfig:
     aux_head: bool = False
     aux_weight: float = 0.4
     head_channels: int = 256
+    # DeepLabV3+/DeepLabV3 heads: depthwise-separable 3×3 convs in ASPP and decoder (the DeepLabV3+
+    # paper's); DeepLabV3+ decoder: number and width of the 3×3 convs after the low-level fusion
+    separable: bool = False
+    decoder_convs: int = 2
+    decoder_channels: int = 256
     width: float = 2.0
     # inputs that are not a multiple of the stride: "pad" (pixel-exact: pad, upsample, crop) or
     # "stretch" (NVIDIA's HMSA code: run unpadded, stretch ceil(h/s) maps over h pixels)
@@ -203,6 +208,8 @@ class TrainConfig:
     limit_train_batches: int | None = None
     checkpoint_every_n_steps: int | None = None
     progress: bool = True
+    channels_last: bool = False  # model and batches in NHWC memory format (see engine/speed.py)
+    compile: bool = False  # torch.compile the backbone and heads in place for training
     # inference scales of the validation during training (None: eval.scales, i.e. what eval uses)
     val_scales: list[float] | None = None
 
@@ -220,6 +227,17 @@ class EvalConfig:
     batch_size: int = 1
     num_workers: int = 2
     base_size: int | None = None
+    compile: bool = False  # torch.compile the backbone and heads in place for eval / predict
+    # whole-image inference of an image (or a scale of it) with more pixels than this runs in windows
+    # with the same logits (scaleseg/tiling.py); null: never. tile_margin null: the receptive field
+    max_pixels: int | None = 4_194_304
+    tile_margin: int | None = None
+    # hierarchical models: run the top scale (> 1) only on tiles where it can change the fused
+    # prediction (scaleseg/sparse.py); tile in 1.0-scale px, margin in top-scale px
+    sparse: bool = False
+    sparse_threshold: float = 2.0
+    sparse_tile: int = 16
+    sparse_margin: int = 32
 
 
 @dataclass
@@ -470,3 +488,18 @@ def check(cfg: Config) -> None:
     a = cfg.data.autolabel
     if a.mix == "boost" and cfg.data.class_uniform_pct == 0:
         raise ConfigError("config key 'data.autolabel.mix' = 'boost' needs data.class_uniform_pct > 0")
+    e = cfg.eval
+    if e.max_pixels is not None and e.max_pixels < 1:
+        raise ConfigError(f"config key 'eval.max_pixels' = {e.max_pixels}: expected a positive pixel count or null")
+    if e.sparse_tile < 1 or e.sparse_margin < 0 or e.sparse_threshold < 0:
+        raise ConfigError(f"config keys 'eval.sparse_tile' = {e.sparse_tile}, 'eval.sparse_margin' = {e.sparse_margin}, "
+                          f"'eval.sparse_threshold' = {e.sparse_threshold}: expected tile >= 1, margin >= 0, threshold >= 0")
+    if e.tile_margin is not None and e.tile_margin < 0:
+        raise ConfigError(f"config key 'eval.tile_margin' = {e.tile_margin}: expected >= 0 or null")
+    m = cfg.model
+    if m.separable and (m.arch not in ("deeplabv3plus", "deeplabv3") or m.mcibi.enabled):
+        raise ConfigError(f"config key 'model.separable' = true needs model.arch deeplabv3plus or deeplabv3 "
+                          f"without model.mcibi (got arch {m.arch!r}{', mcibi' if m.mcibi.enabled else ''})")
+    if m.decoder_convs < 1 or m.decoder_channels < 1:
+        raise ConfigError(f"config keys 'model.decoder_convs' = {m.decoder_convs} and 'model.decoder_channels' = "
+                          f"{m.decoder_channels}: expected both >= 1")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -141,7 +142,9 @@ class Inferencer:
 
     Composition, innermost first: ``whole`` or ``slide`` (``crop_size``, ``stride``, ``batch_size``)
     → optional horizontal ``flip`` averaging → optional ``scales`` pooling (``scale_mode`` avg|max).
-    Invalid or contradictory arguments raise ConfigError at construction.
+    ``tiling`` (a :class:`scaleseg.tiling.TiledInference`): in ``whole`` mode an image (or scaled
+    image) above its pixel budget runs in windows with a receptive-field margin instead, with the
+    same logits. Invalid or contradictory arguments raise ConfigError at construction.
     """
 
     mode: str = "whole"
@@ -151,6 +154,7 @@ class Inferencer:
     scales: Sequence[float] | None = None
     scale_mode: str = "avg"
     batch_size: int = 4
+    tiling: Any = None
 
     def __post_init__(self) -> None:
         if self.mode not in ("whole", "slide"):
@@ -186,6 +190,8 @@ class Inferencer:
             if self.mode == "slide":
                 crop = self.crop_size
                 return slide(model, xs, crop, self.stride, self.batch_size)  # type: ignore[arg-type]
+            if self.tiling is not None and not self.tiling.fits(*xs.shape[-2:]):
+                return _resize(self.tiling.logits(model, xs), tuple(xs.shape[-2:]))
             return whole(model, xs)
 
         def flipped(xs: Tensor) -> Tensor:

@@ -16,8 +16,10 @@ from ..config import Config, to_dict
 from ..data.base import sample_seed
 from ..errors import ConfigError, DivergedError
 from ..inference import Inferencer
+from ..tiling import TiledInference, chain_function
 from ..metrics import ConfusionMatrix, scores
 from ..types import StepInfo
+from .speed import batch_to_channels_last, to_channels_last
 
 
 def poly_factor(step: int, max_steps: int, power: float, warmup_steps: int = 0, warmup_ratio: float = 0.1) -> float:
@@ -47,14 +49,18 @@ def make_predictor(
         raise ConfigError("config key 'eval.scale_mode' = 'hierarchical' needs model.hmsa.mode=hierarchical")
     chain = hierarchical and e.scale_mode in ("auto", "hierarchical")
     pool_scales = scales if scales and not chain else None
+    tiling = TiledInference(model, e.max_pixels, e.tile_margin) if e.max_pixels is not None and e.mode == "whole" else None
     inferencer = Inferencer(
         mode=e.mode, crop_size=tuple(e.crop_size) if e.crop_size else None,
         stride=tuple(e.stride) if e.stride else None, flip=e.flip, scales=pool_scales,
         scale_mode="avg" if e.scale_mode in ("auto", "hierarchical") else e.scale_mode,
+        tiling=None if chain else tiling,
     )
+    if e.sparse and not chain:
+        raise ConfigError("config key 'eval.sparse' = true needs model.hmsa.mode=hierarchical (chained eval.scales)")
     if chain:
         chain_scales = tuple(scales) if scales else tuple(model.infer_scales)
-        fn: Callable[[torch.Tensor], torch.Tensor] = lambda x: model.forward_features(x, scales=chain_scales)["logits"]
+        fn: Callable[[torch.Tensor], torch.Tensor] = chain_function(model, chain_scales, e, tiling)
     elif hierarchical:
         fn = lambda x: model.forward_features(x, scales=[1.0])["logits"]
     else:
@@ -83,6 +89,9 @@ class SegTask(L.LightningModule):
         super().__init__()
         self.model = model
         self.cfg = cfg
+        self.channels_last = cfg.train.channels_last
+        if self.channels_last:
+            to_channels_last(model)
         self.class_names = list(class_names)
         self.predictor = make_predictor(model, cfg, scales)
         self.val_cm = ConfusionMatrix(len(class_names))
@@ -93,6 +102,10 @@ class SegTask(L.LightningModule):
         self.last_losses: dict[str, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ training
+    def prepare_batch(self, batch: Any) -> Any:
+        """The batch as the model takes it: images channels-last with ``train.channels_last``."""
+        return batch_to_channels_last(batch) if self.channels_last else batch
+
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         # Re-seed the global RNG (dropout, random choices inside methods) from (seed, step), so that a
         # resumed run replays exactly what the uninterrupted run did from the step it stopped at.
@@ -100,6 +113,7 @@ class SegTask(L.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         step = StepInfo(self.global_step, self.max_steps, self.current_epoch)
+        batch = self.prepare_batch(batch)
         losses = self.model.training_losses(batch, step)
         loss = torch.stack([v.float() for v in losses.values()]).sum()
         self.last_losses = {k: v.detach() for k, v in losses.items()}
@@ -147,6 +161,7 @@ class SegTask(L.LightningModule):
         return logits
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        batch = self.prepare_batch(batch)
         mask = batch["mask"]
         logits = self.predict_logits(batch["image"], mask.shape[-2:])
         self.val_cm.update(logits.argmax(1), mask)

@@ -30,6 +30,7 @@ from .runfolder import (
     check_resume_changes, clear_unfinished_records, ensure_folder, finished_metrics, hold_run_folder,
     is_launching_process, latest_config_path, read_run_config, refuse_fresh_start, write_run_config,
 )
+from .speed import compile_blocks, warn_emulated_bf16
 from .task import SegTask
 
 
@@ -229,6 +230,9 @@ def _fit(cfg: Config, out: Path, ckpt_dir: Path, resume_path: str | None, launch
     if launcher and cfg.data.check:
         check_training_data(cfg, dm)
     task = SegTask(model, cfg, list(dm.spec.classes), scales=cfg.train.val_scales)
+    if cfg.train.compile:
+        compile_blocks(model)
+    warn_emulated_bf16(cfg.train.precision, cfg.train.accelerator)
     resume_step, before_validation = checkpoint_position(resume_path)
     extra = [ResumeSync(previous, cfg)] if resume_path is not None else []
     trainer = build_trainer(cfg, ckpt_dir, logger=run_loggers(out, resume_step, before_validation), extra_callbacks=extra)

@@ -1,0 +1,70 @@
+"""Speed switches: ``train.channels_last``, ``train.compile`` and ``eval.compile``.
+
+``compile_blocks`` compiles a contract model's compute blocks **in place** (``nn.Module.compile``):
+the backbone, the heads and attention heads. The Python-level contract code around them
+(``training_losses``, padding, multi-scale fusion, sliding windows) stays eager, so every method,
+wrapper and inference mode works unchanged, images of any size recompile at most a few times
+(dynamic shapes after the first change), and parameter names, ``state_dict`` and checkpoints are
+those of the eager model. ``bf16-mixed`` precision is Lightning's (``torch.autocast`` on CPU and
+GPU); the losses run in float32 (see ``losses.ce``).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["compile_blocks", "to_channels_last", "batch_to_channels_last", "warn_emulated_bf16"]
+
+log = logging.getLogger("scaleseg.train")
+
+
+def _is_model(module: nn.Module) -> bool:
+    """A contract model or wrapper (its compute lives in its children, called through methods)."""
+    return callable(getattr(module, "forward_features", None))
+
+
+def compile_blocks(model: nn.Module, **options: Any) -> list[str]:
+    """Compile in place every child block of the (possibly wrapped) contract ``model`` that holds
+    parameters; wrappers are descended into, losses without parameters are left eager. Returns the
+    qualified names of the compiled blocks. ``options`` go to ``torch.compile``."""
+    compiled: list[str] = []
+
+    def visit(module: nn.Module, prefix: str) -> None:
+        for name, child in module.named_children():
+            path = f"{prefix}{name}"
+            if _is_model(child):
+                visit(child, path + ".")
+            elif any(True for _ in child.parameters()):
+                child.compile(**options)
+                compiled.append(path)
+
+    visit(model, "")
+    return compiled
+
+
+def to_channels_last(model: nn.Module) -> nn.Module:
+    """Parameters and buffers of 4-D shape in channels-last (NHWC) memory format, in place."""
+    return model.to(memory_format=torch.channels_last)
+
+
+def batch_to_channels_last(batch: Any) -> Any:
+    """Images of a batch dict (every 4-D float tensor: ``image``, ``image_hr``) in channels-last."""
+    if not isinstance(batch, dict):
+        return batch
+    return {k: v.contiguous(memory_format=torch.channels_last)
+            if isinstance(v, torch.Tensor) and v.ndim == 4 and v.is_floating_point() else v
+            for k, v in batch.items()}
+
+
+def warn_emulated_bf16(precision: str, accelerator: str) -> bool:
+    """Warn (and return True) when bf16 would run on a CPU without native bf16 (AVX512-BF16 or
+    AMX): oneDNN then emulates it, many times slower than float32 (benchmarks/speed_switches.py)."""
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+    if precision.startswith("bf16") and on_cpu and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        log.warning("train.precision=%s on a CPU without native bf16 (%s): emulated, many times slower "
+                    "than float32; use train.precision=32 here", precision, torch.backends.cpu.get_cpu_capability())
+        return True
+    return False

@@ -1,0 +1,136 @@
+"""Sparse top-scale hierarchical inference: the affine decomposition of the chain, tile selection,
+windows, and the predictor switch."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+import torch
+from torch import nn
+
+import scaleseg
+from scaleseg.config import load_config
+from scaleseg.errors import ConfigError
+from scaleseg.sparse import (
+    calibrate_threshold,
+    select_tiles,
+    sparse_hierarchical,
+    tile_windows,
+    top2_margin,
+    top_scale_weight,
+)
+
+K = 5
+HMSA = ["model.backbone=test_resnet", "model.head_channels=8", "model.decoder_channels=8", "model.output_stride=8",
+        "model.hmsa.mode=hierarchical", "model.hmsa.attn_channels=8"]
+
+
+def _model(*extra: str) -> nn.Module:
+    torch.manual_seed(0)
+    model = scaleseg.create_model(load_config(None, HMSA + list(extra)), K).eval()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 1.5)
+    return model
+
+
+def _x(h=64, w=96, seed=0):
+    return torch.randn(2, 3, h, w, generator=torch.Generator().manual_seed(seed))
+
+
+def test_chain_is_affine_in_the_top_scale():
+    """P = P_lo + W·(Down(p_2) − p_1): the decomposition reproduces the dense chain exactly."""
+    model = _model()
+    x = _x()
+    with torch.inference_mode():
+        for scales, lower in (((0.5, 1.0, 2.0), [0.5]), ((0.25, 0.5, 1.0, 2.0), [0.25, 0.5])):
+            res = model.forward_features(x, scales=scales, return_scales=True)
+            parts = top_scale_weight(model, x, lower)
+            down = torch.nn.functional.interpolate(res["pred_2.0x"], size=x.shape[-2:], mode="bilinear",
+                                                   align_corners=False)
+            torch.testing.assert_close(parts["P_lo"] + parts["W"] * (down - parts["p1"]), res["logits"],
+                                       rtol=1e-5, atol=1e-5)
+            lo = model.forward_features(x, scales=[s for s in scales if s <= 1.0])["logits"]
+            torch.testing.assert_close(parts["P_lo"], lo, rtol=1e-5, atol=1e-5)
+            assert float(parts["W"].min()) >= 0 and float(parts["W"].max()) <= 1
+
+
+def test_no_tiles_gives_the_low_chain_and_all_tiles_the_dense_chain():
+    fcn = _model("model.arch=fcn")  # no ASPP: with a margin ≥ the receptive field windows are exact
+    x = _x(64, 96)
+    with torch.inference_mode():
+        none = sparse_hierarchical(fcn, x, threshold=0.0)
+        assert none.computed_px == 0 and not bool(none.tiles.any())
+        torch.testing.assert_close(none.logits, fcn.forward_features(x, scales=(0.5, 1.0))["logits"])
+        every = sparse_hierarchical(fcn, x, threshold=float("inf"), tile=16, margin=200, max_fraction=float("inf"))
+        assert bool(every.tiles.all())
+        torch.testing.assert_close(every.logits, fcn.forward_features(x, scales=(0.5, 1.0, 2.0))["logits"],
+                                   rtol=1e-5, atol=1e-5)
+        # beyond max_fraction the top scale runs densely: exactly the dense chain
+        capped = sparse_hierarchical(fcn, x, threshold=float("inf"), max_fraction=0.5)
+        assert capped.pixel_fraction == 1.0
+        torch.testing.assert_close(capped.logits, fcn.forward_features(x, scales=(0.5, 1.0, 2.0))["logits"])
+
+
+def test_selected_tiles_cover_the_flagged_pixels():
+    margin = torch.tensor([[[[5.0, 5.0, 0.1, 5.0], [5.0, 5.0, 5.0, 5.0], [5.0, 5.0, 5.0, 5.0], [0.2, 5.0, 5.0, 5.0]]]])
+    weight = torch.full_like(margin, 0.5)
+    weight[..., 3, 0] = 0.01  # uncertain, but the top scale has no say there
+    tiles = select_tiles(margin, weight, threshold=1.0, tile=2)
+    assert tiles.tolist() == [[[False, True], [False, False]]]
+    assert top2_margin(torch.tensor([[[[3.0]], [[1.0]], [[2.5]]]])).item() == pytest.approx(0.5)
+
+
+def test_tile_windows_merge_runs_in_rows_and_equal_runs_down():
+    sel = torch.tensor([[1, 1, 0, 1],
+                        [1, 1, 0, 0],
+                        [0, 1, 1, 0]], dtype=torch.bool)
+    assert sorted(tile_windows(sel)) == [(0, 1, 3, 4), (0, 2, 0, 2), (2, 3, 1, 3)]
+
+
+def test_sparse_windows_and_pixel_accounting():
+    model = _model()
+    x = _x(64, 128, seed=1)
+    with torch.inference_mode():
+        parts = top_scale_weight(model, x, [0.5])
+        need = top2_margin(parts["P_lo"]) / parts["W"]
+        threshold = float(need.flatten().kthvalue(20).values)  # ~20 flagged pixels: a few tiles
+        res = sparse_hierarchical(model, x, threshold=threshold, tile=16, margin=16)
+    assert res.top_px == 2 * 128 * 256
+    assert 0 < res.core_px <= res.computed_px < res.top_px
+    assert res.core_px == int(res.tiles.sum()) * 32 * 32
+    for boxes in res.windows:
+        for y0, y1, x0, x1 in boxes:
+            assert y0 % model.stride == 0 and x0 % model.stride == 0 and y1 <= 128 and x1 <= 256
+
+
+def test_calibrated_threshold_catches_the_changes_it_was_fitted_on():
+    model = _model()
+    images = [_x(64, 96, seed=s) for s in (2, 3)]
+    threshold = calibrate_threshold(model, images, recall=1.0)
+    assert threshold > 0
+    with torch.inference_mode():
+        for x in images:
+            parts = top_scale_weight(model, x, [0.5])
+            dense = model.forward_features(x, scales=(0.5, 1.0, 2.0))["logits"]
+            changed = dense.argmax(1, keepdim=True) != parts["P_lo"].argmax(1, keepdim=True)
+            flagged = top2_margin(parts["P_lo"]) < threshold * parts["W"]
+            assert bool(flagged[changed].all())
+
+
+def test_predictor_uses_sparse_inference_when_asked():
+    from scaleseg.engine.task import make_predictor
+
+    model = _model()
+    x = _x()
+    cfg = load_config(None, HMSA + ["eval.scales=[0.5,1.0,2.0]", "eval.sparse=true", "eval.sparse_threshold=0"])
+    with torch.inference_mode():
+        torch.testing.assert_close(make_predictor(model, cfg)(x), model.forward_features(x, scales=(0.5, 1.0))["logits"])
+    with pytest.raises(ConfigError, match="eval.sparse"):
+        make_predictor(model, load_config(None, HMSA + ["eval.scales=[0.5,1.0]", "eval.sparse=true"]))(x)
+    with pytest.raises(ConfigError, match="eval.sparse"):
+        plain = scaleseg.create_model(load_config(None, HMSA[:4]), K)
+        make_predictor(plain, load_config(None, HMSA[:4] + ["eval.sparse=true"]))

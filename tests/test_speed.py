@@ -1,0 +1,154 @@
+"""Speed switches leave the results unchanged: train.channels_last, train.compile / eval.compile
+(torch.compile of the blocks, in place) and train.precision=bf16-mixed on the CPU."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+import torch
+from torch import nn
+
+import scaleseg
+from scaleseg.config import load_config
+from scaleseg.engine.speed import batch_to_channels_last, compile_blocks
+from scaleseg.engine.task import SegTask
+from scaleseg.types import StepInfo
+
+TINY = ["model.backbone=test_resnet", "model.head_channels=16", "model.decoder_channels=16",
+        "model.output_stride=8", "data.dataset=scalescenes"]
+K = 7
+
+
+def _model(*extra: str) -> tuple[nn.Module, object]:
+    cfg = load_config(None, TINY + list(extra))
+    torch.manual_seed(0)
+    return scaleseg.create_model(cfg, K), cfg
+
+
+def _batch(size=(48, 64), seed=0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {"image": torch.randn(2, 3, *size, generator=g), "mask": torch.randint(0, K, (2, *size), generator=g)}
+
+
+def _no_dropout(model: nn.Module) -> nn.Module:
+    """Dropout masks come from different RNG streams in eager and compiled code; switch them off
+    so the comparison is about the network's arithmetic."""
+    for m in model.modules():
+        if isinstance(m, (nn.Dropout, nn.Dropout2d)):
+            m.p = 0.0
+    return model
+
+
+def _loss_and_grads(model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    loss = sum(model.training_losses(batch, StepInfo(0, 1)).values())
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _assert_same_step(a: nn.Module, b: nn.Module, batch_a: dict, batch_b: dict, rtol: float, atol: float) -> None:
+    loss_a, grads_a = _loss_and_grads(a, batch_a)
+    loss_b, grads_b = _loss_and_grads(b, batch_b)
+    torch.testing.assert_close(loss_b, loss_a, rtol=rtol, atol=atol)
+    assert grads_a.keys() == grads_b.keys() and len(grads_a) > 10
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], rtol=rtol, atol=atol, msg=name)
+
+
+def test_channels_last_task_converts_model_and_batches_with_the_same_step():
+    eager, _ = _model()
+    model, cfg = _model("train.channels_last=true")
+    task = SegTask(model, cfg, [str(i) for i in range(K)])
+    conv = next(m for m in model.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous()
+    batch = _batch()
+    moved = task.prepare_batch(batch)
+    assert moved["image"].is_contiguous(memory_format=torch.channels_last)
+    assert moved["mask"] is batch["mask"]
+    _no_dropout(eager).train(), _no_dropout(model).train()
+    _assert_same_step(eager, model, batch, moved, rtol=1e-4, atol=1e-5)
+    # off by default: batches untouched
+    plain = SegTask(eager, load_config(None, TINY), [str(i) for i in range(K)])
+    assert plain.prepare_batch(batch) is batch
+    assert batch_to_channels_last(["not", "a", "dict"]) == ["not", "a", "dict"]
+
+
+def test_compile_blocks_names_and_keeps_the_state_dict():
+    model, _ = _model("model.hmsa.mode=hierarchical", "model.hmsa.attn_channels=8", "model.aux_head=true")
+    keys = list(model.state_dict())
+    assert compile_blocks(model) == ["base.backbone", "base.head", "base.aux_head", "scale_attn"]
+    assert list(model.state_dict()) == keys  # checkpoints of compiled and eager runs are interchangeable
+    assert model.base.backbone._compiled_call_impl is not None
+    assert model.base.criterion._compiled_call_impl is None  # no parameters: left eager
+
+
+@pytest.mark.slow
+def test_compiled_training_step_and_inference_equal_eager():
+    """Autograd and dynamic shapes through the in-place compiled blocks. The backend is aot_eager
+    (dynamo + AOTAutograd, no C++ codegen): inductor's kernels take minutes to build on 2 cores;
+    its numerics are checked by benchmarks/speed_switches.py on the real networks."""
+    eager, _ = _model()
+    compiled, _ = _model()
+    compiled.load_state_dict(eager.state_dict())
+    _no_dropout(eager), _no_dropout(compiled)
+    compile_blocks(compiled, backend="aot_eager")
+    eager.train(), compiled.train()
+    batch = _batch()
+    _assert_same_step(eager, compiled, batch, batch, rtol=1e-4, atol=1e-5)
+    eager.eval(), compiled.eval()
+    with torch.inference_mode():
+        for size in ((48, 64), (37, 53)):  # a second, odd size: padded and cropped inside the model
+            x = _batch(size, seed=1)["image"]
+            torch.testing.assert_close(compiled(x), eager(x), rtol=1e-4, atol=1e-4)
+
+
+def test_eval_compile_compiles_the_loaded_model(tmp_path):
+    from scaleseg.engine.checkpoint import save_weights
+    from scaleseg.engine.evaluate import load_trained
+
+    from scaleseg.data.scalescenes import SCALESCENES
+
+    cfg = load_config(None, TINY + ["eval.compile=true", "data.num_images=2"])
+    model = scaleseg.create_model(cfg, SCALESCENES.num_classes)
+    save_weights(model, tmp_path / "m.safetensors")
+    loaded, _ = load_trained(cfg, tmp_path / "m.safetensors")
+    assert loaded.backbone._compiled_call_impl is not None and loaded.head._compiled_call_impl is not None
+    eager, _ = load_trained(load_config(None, TINY + ["data.num_images=2"]), tmp_path / "m.safetensors")
+    assert eager.backbone._compiled_call_impl is None
+
+
+def test_bf16_mixed_on_cpu_gives_the_fp32_step_within_bf16_precision():
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    model, _ = _model()
+    _no_dropout(model).train()
+    batch = _batch()
+    loss32, grads32 = _loss_and_grads(model, batch)
+    plugin = MixedPrecision("bf16-mixed", "cpu")  # what Lightning uses for train.precision=bf16-mixed on CPU
+    with plugin.forward_context():
+        model.zero_grad(set_to_none=True)
+        losses = model.training_losses(batch, StepInfo(0, 1))
+        assert model.backbone(batch["image"])[0].dtype == torch.bfloat16  # autocast really is on
+    loss16 = sum(losses.values())
+    assert loss16.dtype == torch.float32  # the criterion runs in float32
+    loss16.backward()
+    torch.testing.assert_close(loss16.detach(), loss32, rtol=2e-2, atol=0)
+    # gradients agree in direction (bf16 keeps 8 bits of mantissa through ~20 layers): cosine
+    # similarity of the whole gradient vector
+    g32 = torch.cat([g.flatten() for g in grads32.values()])
+    g16 = torch.cat([p.grad.flatten() for n, p in model.named_parameters() if n in grads32])
+    assert torch.nn.functional.cosine_similarity(g32, g16, dim=0) > 0.95
+
+
+def test_bf16_on_a_cpu_without_native_bf16_is_announced(caplog, monkeypatch):
+    from scaleseg.engine.speed import warn_emulated_bf16
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    with caplog.at_level("WARNING", logger="scaleseg.train"):
+        assert warn_emulated_bf16("bf16-mixed", "cpu")
+        assert not warn_emulated_bf16("32", "cpu")
+    assert "without native bf16" in caplog.text
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    assert not warn_emulated_bf16("bf16-mixed", "cpu")
