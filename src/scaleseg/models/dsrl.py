@@ -35,8 +35,9 @@ Design choices where the paper and the reference code are silent or differ (dsrl
   ``sisr_scale`` and FA subsamples both by ``fa_subsample / sisr_scale``; for the SSSR side this equals
   pooling by ``fa_subsample`` (8) at the label resolution, and no label-resolution SISR copy is made.
   FA uses the padded (uncropped) maps; training crops that are multiples of the stride have no padding.
-* The base's auxiliary head (if any) is trained against the HR mask after bilinear upsampling of its
-  logits to the label resolution; the exported inference model drops it.
+* The base's auxiliary logits (its aux head's, or those its head makes itself: OCR's ``aux``, BiSeNet's
+  ``aux``/``aux16``) are trained against the HR mask after bilinear upsampling to the label resolution;
+  the exported inference model drops them.
 * FLOPs (:func:`count_flops`) count transposed convolutions; the paper's and EdgeNets' counters hook
   ``nn.Conv2d`` only, which is why the official README lists equal FLOPs with and without DSRL.
 """
@@ -209,9 +210,11 @@ class DSRLInferenceModel(nn.Module):
         logits = self._upsample_logits(head_out["logits"], padded.shape[-2:], label_size)
         public = {"logits": logits[..., :out_h, :out_w], "feats": head_out["feats"]}
         aux_head = getattr(self.base, "aux_head", None)
-        if with_aux and aux_head is not None:
-            aux = _resize(aux_head(features[self.base.aux_index]), label_size)
-            public["aux"] = aux[..., :out_h, :out_w]
+        if with_aux:  # aux logits the head makes itself (OCR, BiSeNet's "aux"/"aux16"), else the aux head's
+            head_aux = {k: v for k, v in head_out.items() if k.startswith("aux")}
+            if not head_aux and aux_head is not None:
+                head_aux = {"aux": aux_head(features[self.base.aux_index])}
+            public.update({k: _resize(v, label_size)[..., :out_h, :out_w] for k, v in head_aux.items()})
         result: dict[str, Any] = {"public": public, "sssr_full": logits}
         if with_sr:
             sr, sisr_feat = self.sisr(head_out["feats"], label_size)  # type: ignore[operator]
@@ -314,7 +317,8 @@ class DSRL(DSRLInferenceModel):
         return self._run(x, out_size, with_sr=with_sr)["public"]
 
     def training_losses(self, batch: dict[str, Any], step: StepInfo) -> dict[str, Tensor]:
-        """``{"ce", "aux"?, "sr"?, "fa"?}``, already weighted; sum = ``CE + sr_weight·MSE + fa_weight·FA``.
+        """``{"ce", "aux*"?, "sr"?, "fa"?}``, already weighted; sum = ``CE + sr_weight·MSE + fa_weight·FA``
+        (+ ``aux_weight``·CE for each aux output of the base: its aux head, or the head's own ``aux*`` logits).
 
         ``batch``: ``image`` ``B×3×h×w`` (LR), ``image_hr`` ``B×3×H×W`` (HR, normalised; needed when
         ``sr_weight > 0``), ``mask`` ``B×H×W`` (HR). ``step`` is unused.
@@ -325,8 +329,8 @@ class DSRL(DSRLInferenceModel):
         out = run["public"]
         criterion = self.base.criterion
         losses = {"ce": criterion(out["logits"], mask)}
-        if "aux" in out:
-            losses["aux"] = self.base.aux_weight * criterion(out["aux"], mask)
+        for key in [k for k in out if k.startswith("aux")]:
+            losses[key] = self.base.aux_weight * criterion(out[key], mask)
         if self.sr_weight > 0:
             hr = batch.get("image_hr")
             if hr is None or hr.shape != out["sr"].shape:
