@@ -163,6 +163,7 @@ def test_torch_export_strict_with_dynamic_batch_and_size() -> None:
     torch.testing.assert_close(program.module()(x), model(x))
 
 
+@pytest.mark.slow
 def test_onnx_export_runs_in_onnxruntime(tmp_path) -> None:
     pytest.importorskip("onnxscript")
     ort = pytest.importorskip("onnxruntime")
