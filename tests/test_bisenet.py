@@ -163,22 +163,6 @@ def test_torch_export_strict_with_dynamic_batch_and_size() -> None:
     torch.testing.assert_close(program.module()(x), model(x))
 
 
-@pytest.mark.slow
-def test_onnx_export_runs_in_onnxruntime(tmp_path) -> None:
-    pytest.importorskip("onnxscript")
-    ort = pytest.importorskip("onnxruntime")
-    from torch.export import Dim
-
-    model = _tiny().eval()
-    dims = {"x": {2: 32 * Dim("h", max=64), 3: 32 * Dim("w", max=64)}}
-    program = torch.onnx.export(model, (torch.randn(1, 3, 64, 96),), dynamo=True, dynamic_shapes=dims)
-    program.save(str(tmp_path / "bisenet.onnx"))
-    session = ort.InferenceSession(str(tmp_path / "bisenet.onnx"), providers=["CPUExecutionProvider"])
-    x = torch.randn(1, 3, 96, 128)
-    (y,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
-    torch.testing.assert_close(torch.from_numpy(y), model(x), atol=1e-4, rtol=1e-4)
-
-
 TINY = ["model.arch=bisenet", "model.backbone=test_resnet", "model.output_stride=32", "model.head_channels=16"]
 
 
