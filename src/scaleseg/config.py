@@ -102,7 +102,7 @@ class ESPNetv2Config:
 
 @dataclass
 class ModelConfig:
-    arch: Literal["deeplabv3plus", "deeplabv3", "fcn", "pspnet", "hrnet_ocr", "espnetv2"] = "deeplabv3plus"
+    arch: Literal["deeplabv3plus", "deeplabv3", "fcn", "pspnet", "hrnet_ocr", "espnetv2", "bisenet", "dabnet"] = "deeplabv3plus"
     backbone: str = "resnet50"
     pretrained: bool = False
     pretrained_file: str | None = None

@@ -35,7 +35,7 @@ from ..hub import PretrainedMixin
 from ..types import StepInfo
 from .shapes import ceil_to_multiple, same_size
 
-__all__ = ["ContractModel", "Grid", "Run", "inner_runs", "merge_losses", "resize", "supervise"]
+__all__ = ["ContractModel", "Grid", "Run", "aux_outputs", "inner_runs", "merge_losses", "resize", "supervise"]
 
 Outputs = dict[str, Any]
 """An output dict: ``logits`` (``B×K×H×W``), ``feats``, ``grid`` and model-specific entries."""
@@ -89,6 +89,12 @@ class Run:
 
     out: Outputs
     scale: float = 1.0
+
+
+def aux_outputs(out: dict[str, Any]) -> dict[str, Tensor]:
+    """The auxiliary logits of a forward's outputs: every ``aux*`` key (``aux``; BiSeNet also ``aux16``),
+    each ``B×K×h×w``, in the order the model made them."""
+    return {k: v for k, v in out.items() if k.startswith("aux") and isinstance(v, Tensor)}
 
 
 def inner_runs(runs: Sequence[Run]) -> list[Run]:

@@ -35,8 +35,9 @@ Design choices where the paper and the reference code are silent or differ (dsrl
   ``sisr_scale`` and FA subsamples both by ``fa_subsample / sisr_scale``; for the SSSR side this equals
   pooling by ``fa_subsample`` (8) at the label resolution, and no label-resolution SISR copy is made.
   FA uses the padded (uncropped) maps; training crops that are multiples of the stride have no padding.
-* The base's auxiliary head (if any) is trained against the HR mask after bilinear upsampling of its
-  logits to the label resolution; the exported inference model drops it.
+* The base's auxiliary logits (its aux head's, or those its head makes itself: OCR's ``aux``, BiSeNet's
+  ``aux``/``aux16``) are trained against the HR mask after bilinear upsampling to the label resolution;
+  the exported inference model drops them.
 * FLOPs (:func:`count_flops`) count transposed convolutions; the paper's and EdgeNets' counters hook
   ``nn.Conv2d`` only, which is why the official README lists equal FLOPs with and without DSRL.
 """
@@ -54,7 +55,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from scaleseg.errors import ConfigError, DataError
 from scaleseg.losses.fa import DEFAULT_MAX_BLOCK_BYTES, FALoss
-from scaleseg.models.contract import ContractModel, Grid, Run, inner_runs, merge_losses, supervise
+from scaleseg.models.contract import ContractModel, Grid, Run, aux_outputs, inner_runs, merge_losses, supervise
 from scaleseg.models.shapes import ceil_to_multiple, same_size
 from scaleseg.types import StepInfo
 
@@ -212,8 +213,7 @@ class DSRLInferenceModel(ContractModel):
         grid = Grid((int(height), int(width)), (int(padded.shape[-2]), int(padded.shape[-1])), s)
         out: dict[str, Any] = {"logits": full[..., :out_h, :out_w], "feats": inner["feats"], "grid": grid,
                                "sssr_full": full, "runs": [Run(inner)]}
-        if "aux" in inner:
-            out["aux"] = inner["aux"]
+        out.update(aux_outputs(inner))
         if with_sr:
             sr, sisr_feat = self.sisr(inner["feats"], grid.padded_output_size)  # type: ignore[operator]
             out["sr"] = sr[..., :out_h, :out_w]
@@ -327,8 +327,8 @@ class DSRL(DSRLInferenceModel):
         resolution), when the base has an aux head."""
         mask = batch["mask"]
         losses = {"ce": supervise(self.base.criterion, out["logits"], mask)}
-        if "aux" in out:
-            losses["aux"] = self.base.aux_weight * supervise(self.base.aux_criterion, out["aux"], mask)
+        for key, aux in aux_outputs(out).items():
+            losses[key] = self.base.aux_weight * supervise(self.base.aux_criterion, aux, mask)
         return losses
 
     def method_losses(self, runs: Sequence[Run], batch: dict[str, Any], step: StepInfo) -> dict[str, Tensor]:

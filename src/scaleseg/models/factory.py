@@ -104,6 +104,16 @@ def build_segmentation_model(cfg: Config, num_classes: int) -> nn.Module:
         return hrnet_ocr(num_classes, m.backbone, pretrained=m.pretrained, pretrained_file=m.pretrained_file,
                          criterion=criterion, aux_weight=m.aux_weight, mid_channels=mid, key_channels=mid // 2,
                          input_fit=m.input_fit)
+    if m.arch == "bisenet":  # context path on model.backbone; two aux heads weighted by aux_weight (α)
+        from .bisenet import bisenet
+
+        return bisenet(num_classes, m.backbone, output_stride=m.output_stride, pretrained=m.pretrained,
+                       pretrained_file=m.pretrained_file, criterion=criterion, aux_weight=m.aux_weight,
+                       aux_channels=m.head_channels)
+    if m.arch == "dabnet":
+        from .dabnet import dabnet
+
+        return dabnet(num_classes, criterion=criterion)
     backbone = build_backbone(cfg)
     aux = AuxFCNHead(backbone.channels[-2], num_classes, m.head_channels) if m.aux_head else None
     head = _head(m.arch, backbone.channels, num_classes, cfg)

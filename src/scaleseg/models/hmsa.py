@@ -29,7 +29,7 @@ from scaleseg.errors import ConfigError
 from scaleseg.inference import scale_pooling
 from scaleseg.models.backbone import Backbone
 from scaleseg.models.heads import DeepLabV3PlusHead
-from scaleseg.models.contract import ContractModel, Run, inner_runs, merge_losses, resize, supervise
+from scaleseg.models.contract import ContractModel, Run, aux_outputs, inner_runs, merge_losses, resize, supervise
 from scaleseg.models.segmentor import SegmentationModel, aux_criterion, side_criterion
 from scaleseg.types import StepInfo
 
@@ -183,8 +183,9 @@ class _ScaleWrapper(ContractModel):
         fused aux logits, when the base has aux logits and the weight is > 0)."""
         mask = batch["mask"]
         losses = {"main": supervise(self.main_criterion(), out["logits"], mask)}
-        if out.get("aux") is not None and self.aux_weight > 0:
-            losses["aux"] = self.aux_weight * supervise(self.side_criterion(), out["aux"], mask)
+        if self.aux_weight > 0:
+            for key, aux in aux_outputs(out).items():
+                losses[key] = self.aux_weight * supervise(self.side_criterion(), aux, mask)
         return losses
 
     def method_losses(self, runs: Sequence[Run], batch: dict[str, Any], step: StepInfo) -> dict[str, Tensor]:
@@ -299,8 +300,8 @@ class HierarchicalAttention(_ScaleWrapper):
             "logits": _resize(attn * lo.out["logits"], size) + (1 - attn_up) * hi.out["logits"],
             "feats": hi.out["feats"], "grid": hi.out["grid"], "runs": [lo, hi],
         }
-        if hi.out.get("aux") is not None:
-            out["aux"] = _resize(attn * lo.out["aux"], size) + (1 - attn_up) * hi.out["aux"]
+        for key, aux in aux_outputs(hi.out).items():
+            out[key] = _resize(attn * lo.out[key], size) + (1 - attn_up) * aux
         if return_scales:
             out[scale_key("pred", self.lo_scale)] = lo.out["logits"]
             out[scale_key("attn", self.lo_scale)] = attn
@@ -312,12 +313,12 @@ class HierarchicalAttention(_ScaleWrapper):
         scales = sorted(check_scales(scales, "scales"), reverse=True)
         keep_runs = return_scales or self.training
         pred: Tensor | None = None
-        aux: Tensor | None = None
+        aux: dict[str, Tensor] = {}
         out: dict[str, Any] = {}
         runs: list[Run] = []
         for s in scales:
             run = self._base_run(x, s)
-            p, p_aux = run.out["logits"], run.out.get("aux")
+            p, p_aux = run.out["logits"], aux_outputs(run.out)
             a_s = self.attention(run) if pred is not None else None
             if s == 1.0:
                 out["feats"], out["grid"] = run.out["feats"], run.out["grid"]
@@ -331,17 +332,14 @@ class HierarchicalAttention(_ScaleWrapper):
                 pred, aux = p, p_aux
             elif s >= 1.0:
                 pred = a_s * p + (1 - a_s) * _resize(pred, p.shape[-2:])
-                if aux is not None:
-                    aux = a_s * p_aux + (1 - a_s) * _resize(aux, p.shape[-2:])
+                aux = {k: a_s * p_aux[k] + (1 - a_s) * _resize(v, p.shape[-2:]) for k, v in aux.items()}
             else:
                 size = pred.shape[-2:]
                 a_up = _resize(a_s, size)
                 pred = _resize(a_s * p, size) + (1 - a_up) * pred
-                if aux is not None:
-                    aux = _resize(a_s * p_aux, size) + (1 - a_up) * aux
+                aux = {k: _resize(a_s * p_aux[k], size) + (1 - a_up) * v for k, v in aux.items()}
         out["logits"] = pred
-        if aux is not None:
-            out["aux"] = aux
+        out.update(aux)
         if keep_runs:
             out["runs"] = runs[::-1]  # low → high, like the training fusion's (lo, 1.0)
         return out
@@ -384,8 +382,7 @@ class ScalePooling(_ScaleWrapper):
 
         logits = scale_pooling(logits_fn, x, self.scales, self.mode)
         result = {"logits": logits, "feats": kept["feats"], "grid": kept["grid"]}
-        if kept.get("aux") is not None:
-            result["aux"] = kept["aux"]
+        result.update(aux_outputs(kept))
         return result
 
     def training_forward(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -473,8 +470,8 @@ class ExplicitAttention(_ScaleWrapper):
             "logits": sum(weights[:, i : i + 1] * p for i, p in enumerate(preds)),
             "feats": ref.out["feats"], "grid": ref.out["grid"],
         }
-        if ref.out.get("aux") is not None:
-            out["aux"] = sum(weights[:, i : i + 1] * _resize(r.out["aux"], size) for i, r in enumerate(runs))
+        for key in aux_outputs(ref.out):
+            out[key] = sum(weights[:, i : i + 1] * _resize(r.out[key], size) for i, r in enumerate(runs))
         if return_scales or self.training:
             out["runs"] = runs
         if return_scales:

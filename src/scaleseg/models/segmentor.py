@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from scaleseg.errors import ConfigError, DataError
 from scaleseg.losses.ce import CrossEntropyLoss
 from scaleseg.models.backbone import Backbone
-from scaleseg.models.contract import ContractModel, Grid, padded_size, supervise
+from scaleseg.models.contract import ContractModel, Grid, aux_outputs, padded_size, supervise
 from scaleseg.models.shapes import same_size
 from scaleseg.types import StepInfo
 
@@ -123,13 +123,14 @@ class SegmentationModel(ContractModel):
         """``{"ce": criterion(logits, mask), "aux": aux_weight · aux_criterion(aux, mask)}``.
 
         ``batch["mask"]`` is ``B×H×W`` int64 (255 = ignore); logits of another size are upsampled to
-        it. ``"aux"`` is present only with an aux head. The aux criterion is the BCE part only when
+        it. ``"aux"`` (and any other ``aux*`` logits the head makes, e.g.
+        BiSeNet's ``aux16``) is present only with aux logits. The aux criterion is the BCE part only when
         the main loss is RMI (the reference recipe), else the main criterion.
         """
         mask = batch["mask"]
         losses = {"ce": supervise(self.criterion, out["logits"], mask)}
-        if "aux" in out:
-            losses["aux"] = self.aux_weight * supervise(self.aux_criterion, out["aux"], mask)
+        for key, aux in aux_outputs(out).items():
+            losses[key] = self.aux_weight * supervise(self.aux_criterion, aux, mask)
         return losses
 
     def run_head(self, x: Tensor, scale: int = 1) -> tuple[list[Tensor], dict[str, Tensor], Grid]:
@@ -152,8 +153,9 @@ class SegmentationModel(ContractModel):
         result: dict[str, Any] = {"feats": out["feats"], "head_logits": out["logits"], "grid": grid}
         if with_logits:
             result["logits"] = grid.to_output(out["logits"], size)
-        if with_aux and "aux" in out:  # heads with their own aux logits (OCR's soft object regions)
-            result["aux"] = grid.to_output(out["aux"], size)
+        head_aux = aux_outputs(out)  # heads with their own aux logits (OCR's soft regions, BiSeNet's two)
+        if with_aux and head_aux:
+            result.update({key: grid.to_output(aux, size) for key, aux in head_aux.items()})
         elif with_aux and self.aux_head is not None:
             result["aux"] = grid.to_output(self.aux_head(features[self.aux_index]), size)
         return result
