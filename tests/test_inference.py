@@ -207,6 +207,34 @@ def test_inferencer_composes_slide_flip_and_scales():
     assert Inferencer(mode="slide", crop_size=8).crop_size == (8, 8)
 
 
+def test_input_scale_resizes_only_the_image_and_returns_logits_at_its_size():
+    model = conv_net(layers=2)
+    x = torch.randn(2, 3, 36, 48)
+    seen: list[tuple[int, ...]] = []
+
+    def spy(t: torch.Tensor) -> torch.Tensor:
+        seen.append(tuple(t.shape))
+        return model(t)
+
+    out = Inferencer(input_scale=0.5)(spy, x)
+    assert seen == [(2, 3, 18, 24)] and out.shape == (2, 4, 36, 48)
+    # hand-built: antialiased bilinear shrink of the image, model, bilinear enlargement of the logits
+    small = F.interpolate(x, size=(18, 24), mode="bilinear", align_corners=False, antialias=True)
+    expected = F.interpolate(model(small), size=(36, 48), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    # composes with flip and scale pooling, which then run on the shrunk image
+    composed = Inferencer(input_scale=0.5, flip=True, scales=[1.0, 2.0])(model, x)
+    inner = scale_pooling(lambda t: flip(model, t), small, [1.0, 2.0], "avg")
+    torch.testing.assert_close(composed, F.interpolate(inner, size=(36, 48), mode="bilinear", align_corners=False),
+                               rtol=0, atol=0)
+    # scale 1 is the identity; enlarging does not antialias
+    torch.testing.assert_close(Inferencer(input_scale=1.0)(model, x), model(x), rtol=0, atol=0)
+    big = F.interpolate(x, size=(54, 72), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(Inferencer(input_scale=1.5)(model, x),
+                               F.interpolate(model(big), size=(36, 48), mode="bilinear", align_corners=False),
+                               rtol=0, atol=0)
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
@@ -220,6 +248,8 @@ def test_inferencer_composes_slide_flip_and_scales():
         (dict(scales=[1.0], scale_mode="median"), "scale_mode='median'"),
         (dict(scale_mode="sum"), "scale_mode='sum'"),
         (dict(mode="slide", crop_size=8, batch_size=0), "batch_size"),
+        (dict(input_scale=0.0), "input_scale"),
+        (dict(input_scale=-0.5), "input_scale"),
     ],
 )
 def test_inferencer_rejects_bad_config(kwargs, message):

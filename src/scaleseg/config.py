@@ -154,6 +154,9 @@ class TrainConfig:
     limit_train_batches: int | None = None
     checkpoint_every_n_steps: int | None = None
     progress: bool = True
+    # EMA of the weights (and BN buffers), updated after every optimiser step; validation, the
+    # checkpoints' state_dict and model.safetensors hold the EMA weights (engine/ema.py)
+    ema_decay: float | None = None
 
 
 @dataclass
@@ -167,7 +170,9 @@ class EvalConfig:
     scale_mode: Literal["auto", "avg", "max", "hierarchical"] = "auto"
     batch_size: int = 1
     num_workers: int = 2
-    base_size: int | None = None
+    base_size: int | None = None  # resizes image AND labels: the score is then at the reduced size
+    # resize only the image by this factor; logits are upsampled to the label size (honest scoring)
+    infer_scale: float | None = None
 
 
 @dataclass
@@ -356,5 +361,9 @@ def check(cfg: Config) -> None:
         raise ConfigError("config key 'data.autolabel.mix' = 'boost' needs data.class_uniform_pct > 0")
     if cfg.eval.scales is not None and any(s <= 0 for s in cfg.eval.scales):
         raise ConfigError(f"config key 'eval.scales' = {cfg.eval.scales}: expected positive scales")
+    if cfg.eval.infer_scale is not None and cfg.eval.infer_scale <= 0:
+        raise ConfigError(f"config key 'eval.infer_scale' = {cfg.eval.infer_scale}: expected a positive factor (e.g. 0.5)")
+    if cfg.train.ema_decay is not None and not 0.0 < cfg.train.ema_decay < 1.0:
+        raise ConfigError(f"config key 'train.ema_decay' = {cfg.train.ema_decay}: expected a decay in (0, 1), e.g. 0.999")
     if cfg.train.epochs <= 0 or cfg.train.batch_size <= 0:
         raise ConfigError("config keys 'train.epochs' and 'train.batch_size' must be positive")

@@ -139,7 +139,11 @@ class Inferencer:
     """Config-driven inference: ``Inferencer(...)(model, x) -> B×K×H×W`` logits.
 
     Composition, innermost first: ``whole`` or ``slide`` (``crop_size``, ``stride``, ``batch_size``)
-    → optional horizontal ``flip`` averaging → optional ``scales`` pooling (``scale_mode`` avg|max).
+    → optional horizontal ``flip`` averaging → optional ``scales`` pooling (``scale_mode`` avg|max)
+    → optional ``input_scale``: the image alone is resized by that factor (bilinear, antialiased
+    like the training transforms' resize) before everything else and the logits are resized back
+    to the input ``H×W``, so a model trained at a reduced resolution is scored against labels at
+    their own resolution (unlike ``eval.base_size``, which also downsizes the labels).
     Invalid or contradictory arguments raise ConfigError at construction.
     """
 
@@ -150,8 +154,13 @@ class Inferencer:
     scales: Sequence[float] | None = None
     scale_mode: str = "avg"
     batch_size: int = 4
+    input_scale: float | None = None
 
     def __post_init__(self) -> None:
+        if self.input_scale is not None and not (
+            isinstance(self.input_scale, (int, float)) and not isinstance(self.input_scale, bool) and self.input_scale > 0
+        ):
+            raise ConfigError(f"input_scale={self.input_scale!r}: expected a positive factor (e.g. 0.5)")
         if self.mode not in ("whole", "slide"):
             raise ConfigError(f"inference mode={self.mode!r}: expected 'whole' or 'slide'")
         if self.mode == "slide":
@@ -190,6 +199,21 @@ class Inferencer:
         def flipped(xs: Tensor) -> Tensor:
             return flip(base, xs) if self.flip else base(xs)
 
-        if self.scales is None:
-            return flipped(x)
-        return scale_pooling(flipped, x, self.scales, self.scale_mode)
+        def pooled(xs: Tensor) -> Tensor:
+            if self.scales is None:
+                return flipped(xs)
+            return scale_pooling(flipped, xs, self.scales, self.scale_mode)
+
+        if self.input_scale is None or self.input_scale == 1.0:
+            return pooled(x)
+        return _resize(pooled(resize_image(x, self.input_scale)), tuple(x.shape[-2:]))
+
+
+def resize_image(x: Tensor, factor: float) -> Tensor:
+    """``B×3×H×W`` → ``B×3×round(H·f)×round(W·f)``: bilinear, ``align_corners=False``, antialiased
+    when shrinking (as ``torchvision``'s resize of the training transforms)."""
+    h, w = x.shape[-2:]
+    size = (max(1, round(h * factor)), max(1, round(w * factor)))
+    if size == (h, w):
+        return x
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=factor < 1)

@@ -45,6 +45,7 @@ def make_predictor(model: nn.Module, cfg: Config) -> Callable[[torch.Tensor], to
         mode=e.mode, crop_size=tuple(e.crop_size) if e.crop_size else None,
         stride=tuple(e.stride) if e.stride else None, flip=e.flip, scales=pool_scales,
         scale_mode="avg" if e.scale_mode in ("auto", "hierarchical") else e.scale_mode,
+        input_scale=e.infer_scale,
     )
     if chain:
         scales = tuple(e.scales or [1.0])
@@ -154,6 +155,10 @@ class SegTask(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         from ..errors import CheckpointError
 
+        if self.cfg.train.ema_decay is None:
+            from .ema import check_no_ema
+
+            check_no_ema(checkpoint)
         saved = checkpoint.get("scaleseg", {}).get("signature")
         mine = model_signature(self.cfg, len(self.class_names))
         if saved is not None and saved != mine:

@@ -15,7 +15,9 @@ from ..errors import CheckpointError
 from ..models.factory import create_model
 from .checkpoint import AtomicCheckpointIO, save_weights
 from .datamodule import SegDataModule
+from .ema import EMAWeights
 from .task import SegTask
+from .timing import EpochTimer
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -67,6 +69,10 @@ def build_trainer(cfg: Config, ckpt_dir: Path | None = None, **overrides: Any) -
                 dirpath=ckpt_dir, filename="last_step", every_n_train_steps=t.checkpoint_every_n_steps,
                 save_top_k=1, enable_version_counter=False, auto_insert_metric_name=False,
             ))
+    if ckpt_dir is not None:  # training only
+        callbacks.append(EpochTimer())
+        if t.ema_decay is not None:
+            callbacks.append(EMAWeights(t.ema_decay))
     if t.progress:
         callbacks.append(TQDMProgressBar(refresh_rate=max(1, t.log_every_n_steps // 2)))
     kwargs: dict[str, Any] = dict(
