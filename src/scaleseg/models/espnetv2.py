@@ -363,14 +363,17 @@ class ESPNetv2Head(nn.Module):
     ``feature_index`` (0: logits at the backbone's level-1 stride), ``num_classes``.
     """
 
-    def __init__(self, in_channels: Sequence[int], num_classes: int, *, base_planes: int = 16) -> None:
+    def __init__(self, in_channels: Sequence[int], num_classes: int, *, base_planes: int = 16,
+                 proj_planes: int | None = None) -> None:
         super().__init__()
         if len(in_channels) != 4:
             raise ConfigError(f"ESPNetv2Head: expected the 4 encoder levels' channels, got {list(in_channels)}")
         if num_classes < 2:
             raise ConfigError(f"ESPNetv2Head: num_classes={num_classes}, expected ≥ 2")
         planes = [4 * base_planes, 3 * base_planes, 2 * base_planes, num_classes]
-        proj = min(num_classes // 2, base_planes)
+        # EdgeNets ties the pyramid-pool projection width to the class count; a model fine-tuned from
+        # another dataset's checkpoint keeps that checkpoint's width (proj_planes) to reuse its decoder
+        proj = proj_planes if proj_planes is not None else min(num_classes // 2, base_planes)
         self.bu_dec_l1 = EfficientPyrPool(in_channels[3], proj, planes[0])
         self.bu_dec_l2 = EfficientPyrPool(planes[0], proj, planes[1])
         self.bu_dec_l3 = EfficientPyrPool(planes[1], proj, planes[2])
@@ -411,15 +414,17 @@ class ESPNetv2Head(nn.Module):
 
 
 # --------------------------------------------------------------------------- assembly
-def espnetv2_seg(num_classes: int, s: float = 2.0, *, criterion: nn.Module | None = None) -> nn.Module:
+def espnetv2_seg(num_classes: int, s: float = 2.0, *, criterion: nn.Module | None = None,
+                 proj_planes: int | None = None) -> nn.Module:
     """ESPNetv2 segmentation network as a ``SegmentationModel`` (logits at the input size).
 
     Parameters for s = 2.0: 0.79 M with EdgeNets' 20 Cityscapes outputs (see ``tests/test_espnetv2.py``).
+    ``proj_planes``: the decoder's pyramid-pool projection width (default EdgeNets' ``min(K // 2, 16)``).
     """
     from scaleseg.models.segmentor import SegmentationModel
 
     backbone = ESPNetv2Backbone(s)
-    head = ESPNetv2Head(backbone.channels, num_classes)
+    head = ESPNetv2Head(backbone.channels, num_classes, proj_planes=proj_planes)
     return SegmentationModel(backbone, head, num_classes, criterion=criterion)
 
 

@@ -85,7 +85,15 @@ def build_segmentation_model(cfg: Config, num_classes: int) -> nn.Module:
     if m.arch == "espnetv2":
         from .espnetv2 import espnetv2_seg
 
-        return espnetv2_seg(num_classes, s=m.width, criterion=criterion)
+        if m.pretrained_file is None:
+            return espnetv2_seg(num_classes, s=m.width, criterion=criterion)
+        from .espnetv2_finetune import checkpoint_proj_planes, load_edgenets_pretrained, read_edgenets_state
+
+        state = read_edgenets_state(m.pretrained_file)
+        model = espnetv2_seg(num_classes, s=m.width, criterion=criterion,
+                             proj_planes=checkpoint_proj_planes(state, m.pretrained_file))
+        load_edgenets_pretrained(model, state, m.pretrained_file)
+        return model
     if m.arch == "hrnet_ocr":
         from .ocr import hrnet_ocr
 
