@@ -77,3 +77,22 @@ def test_mcibi_refuses_wrappers_that_would_skip_its_memory_update():
         cfg = load_config(None, ["model.backbone=test_resnet", "model.mcibi.enabled=true", *extra])
         with pytest.raises(ConfigError, match="mcibi"):
             scaleseg.create_model(cfg)
+
+
+def test_separable_head_from_config():
+    import scaleseg
+
+    base = ["model.backbone=test_resnet", "model.head_channels=16", "model.output_stride=16"]
+    full = scaleseg.create_model(load_config(None, base))
+    sep = scaleseg.create_model(load_config(None, base + ["model.separable=true", "model.decoder_convs=1",
+                                                          "model.decoder_channels=32"]))
+    assert sep.head.separable and not full.head.separable
+    assert sep.head.aspp.branches[1][0].groups == sep.backbone.channels[-1]
+    assert len(sep.head.final) == 2 and sep.head.final[0][3].out_channels == 32
+    assert sum(p.numel() for p in sep.parameters()) < sum(p.numel() for p in full.parameters())
+    with pytest.raises(ConfigError, match="model.separable"):
+        load_config(None, ["model.arch=pspnet", "model.separable=true"])
+    with pytest.raises(ConfigError, match="model.separable"):
+        load_config(None, ["model.mcibi.enabled=true", "model.separable=true"])
+    with pytest.raises(ConfigError, match="model.decoder_convs"):
+        load_config(None, ["model.decoder_convs=0"])

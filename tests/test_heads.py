@@ -17,6 +17,7 @@ from scaleseg.models.heads import (
     DeepLabV3PlusHead,
     FCNHead,
     PSPHead,
+    SeparableConvBNReLU,
     aspp_dilations,
 )
 
@@ -165,3 +166,57 @@ def test_aux_fcn_head():
 def test_invalid_level_index():
     with pytest.raises(ConfigError, match="low_level_index=4"):
         DeepLabV3PlusHead(CHANNELS, 5, output_stride=16, low_level_index=4)
+
+
+def test_separable_conv_is_depthwise_then_pointwise():
+    torch.manual_seed(0)
+    block = SeparableConvBNReLU(6, 10, 3, dilation=2).eval()
+    dw, bn0, _, pw, bn1, _ = block
+    assert (dw.groups, dw.in_channels, dw.out_channels, dw.dilation, dw.padding) == (6, 6, 6, (2, 2), (2, 2))
+    assert pw.kernel_size == (1, 1) and dw.bias is None and pw.bias is None
+    for bn in (bn0, bn1):  # non-trivial statistics so BN is not an identity
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+    x = torch.randn(2, 6, 9, 11)
+    # by hand: per-channel 3×3 dilated conv, BN, ReLU, then channel mixing, BN, ReLU
+    depth = torch.cat([F.conv2d(x[:, c : c + 1], dw.weight[c : c + 1], padding=2, dilation=2) for c in range(6)], 1)
+    depth = F.relu(F.batch_norm(depth, bn0.running_mean, bn0.running_var, bn0.weight, bn0.bias, eps=bn0.eps))
+    point = torch.einsum("oc,bchw->bohw", pw.weight[:, :, 0, 0], depth)
+    point = F.relu(F.batch_norm(point, bn1.running_mean, bn1.running_var, bn1.weight, bn1.bias, eps=bn1.eps))
+    torch.testing.assert_close(block(x), point)
+    # parameters: 9·Cin (depthwise) + Cin·Cout (pointwise) + 2·(Cin + Cout) (BN affine)
+    assert sum(p.numel() for p in block.parameters()) == 9 * 6 + 6 * 10 + 2 * (6 + 10)
+
+
+def test_separable_deeplabv3plus_head():
+    full = DeepLabV3PlusHead(CHANNELS, 5, output_stride=16)
+    sep = DeepLabV3PlusHead(CHANNELS, 5, output_stride=16, separable=True).eval()
+    # ASPP: 1×1 branch stays a full conv, the three atrous branches are separable with the OS16 rates
+    assert sep.aspp.branches[0][0].kernel_size == (1, 1) and sep.aspp.branches[0][0].groups == 1
+    atrous = [branch[0] for branch in sep.aspp.branches[1:]]
+    assert [(c.groups, c.dilation[0]) for c in atrous] == [(24, 6), (24, 12), (24, 18)]
+    # decoder: two separable 3×3 convs 304 → 256 → 256, then the 1×1 classifier
+    assert [m[0].groups for m in sep.final[:2]] == [304, 256]
+    assert [m[3].out_channels for m in sep.final[:2]] == [256, 256]
+    n_full = sum(p.numel() for p in full.final.parameters())
+    n_sep = sum(p.numel() for p in sep.final.parameters())
+    assert n_full == 304 * 256 * 9 + 256 * 256 * 9 + 4 * 256 + 256 * 5
+    assert n_sep == (304 * 9 + 304 * 256 + 2 * (304 + 256)) + (256 * 9 + 256 * 256 + 4 * 256) + 256 * 5
+    out = sep(_features([4, 8, 16, 16]))
+    assert out["logits"].shape == (2, 5, 16, 16) and out["feats"].shape == (2, 304, 16, 16)
+
+
+def test_deeplabv3plus_decoder_convs_and_channels():
+    head = DeepLabV3PlusHead(CHANNELS, 5, output_stride=16, decoder_convs=1, decoder_channels=64).eval()
+    assert len(head.final) == 2  # one 3×3 conv + classifier
+    assert (head.final[0][0].in_channels, head.final[0][0].out_channels) == (304, 64)
+    assert head.final[1].in_channels == 64
+    assert head(_features([4, 8, 16, 16]))["logits"].shape == (2, 5, 16, 16)
+    with pytest.raises(ConfigError, match="decoder_convs=0"):
+        DeepLabV3PlusHead(CHANNELS, 5, output_stride=16, decoder_convs=0)
+
+
+def test_separable_deeplabv3_head():
+    head = DeepLabV3Head(CHANNELS, 5, output_stride=16, separable=True).eval()
+    assert head.bottleneck[0].groups == 256 and head.aspp.branches[1][0].groups == 24
+    assert head(_features([4, 8, 16, 16]))["logits"].shape == (2, 5, 4, 4)

@@ -70,6 +70,11 @@ class ModelConfig:
     aux_head: bool = False
     aux_weight: float = 0.4
     head_channels: int = 256
+    # DeepLabV3+/DeepLabV3 heads: depthwise-separable 3×3 convs in ASPP and decoder (the DeepLabV3+
+    # paper's); DeepLabV3+ decoder: number and width of the 3×3 convs after the low-level fusion
+    separable: bool = False
+    decoder_convs: int = 2
+    decoder_channels: int = 256
     width: float = 2.0
     hmsa: HMSAConfig = field(default_factory=HMSAConfig)
     mcibi: MCIBIConfig = field(default_factory=MCIBIConfig)
@@ -365,5 +370,12 @@ def check(cfg: Config) -> None:
         raise ConfigError(f"config key 'eval.infer_scale' = {cfg.eval.infer_scale}: expected a positive factor (e.g. 0.5)")
     if cfg.train.ema_decay is not None and not 0.0 < cfg.train.ema_decay < 1.0:
         raise ConfigError(f"config key 'train.ema_decay' = {cfg.train.ema_decay}: expected a decay in (0, 1), e.g. 0.999")
+    m = cfg.model
+    if m.separable and (m.arch not in ("deeplabv3plus", "deeplabv3") or m.mcibi.enabled):
+        raise ConfigError(f"config key 'model.separable' = true needs model.arch deeplabv3plus or deeplabv3 "
+                          f"without model.mcibi (got arch {m.arch!r}{', mcibi' if m.mcibi.enabled else ''})")
+    if m.decoder_convs < 1 or m.decoder_channels < 1:
+        raise ConfigError(f"config keys 'model.decoder_convs' = {m.decoder_convs} and 'model.decoder_channels' = "
+                          f"{m.decoder_channels}: expected both >= 1")
     if cfg.train.epochs <= 0 or cfg.train.batch_size <= 0:
         raise ConfigError("config keys 'train.epochs' and 'train.batch_size' must be positive")

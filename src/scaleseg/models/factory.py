@@ -35,9 +35,12 @@ def build_criterion(loss: LossConfig, num_classes: int) -> nn.Module:
 def _head(arch: str, channels: list[int], num_classes: int, cfg: Config) -> nn.Module:
     m = cfg.model
     if arch == "deeplabv3plus":
-        return DeepLabV3PlusHead(channels, num_classes, output_stride=m.output_stride, aspp_channels=m.head_channels)
+        return DeepLabV3PlusHead(channels, num_classes, output_stride=m.output_stride, aspp_channels=m.head_channels,
+                                 decoder_channels=m.decoder_channels, decoder_convs=m.decoder_convs,
+                                 separable=m.separable)
     if arch == "deeplabv3":
-        return DeepLabV3Head(channels, num_classes, output_stride=m.output_stride, aspp_channels=m.head_channels)
+        return DeepLabV3Head(channels, num_classes, output_stride=m.output_stride, aspp_channels=m.head_channels,
+                             separable=m.separable)
     if arch == "fcn":
         return FCNHead(channels, num_classes, channels=m.head_channels)
     if arch == "pspnet":

@@ -31,6 +31,7 @@ __all__ = [
     "FCNHead",
     "PPM",
     "PSPHead",
+    "SeparableConvBNReLU",
     "aspp_dilations",
 ]
 
@@ -45,6 +46,33 @@ class ConvBNReLU(nn.Sequential):
             nn.BatchNorm2d(out_ch),
             nn.ReLU(inplace=True),
         )
+
+
+class SeparableConvBNReLU(nn.Sequential):
+    """Atrous depthwise-separable conv: ``B×in×H×W → B×out×H×W`` with "same" padding.
+
+    Depthwise ``kernel_size``×``kernel_size`` conv (dilated, no bias) → BN → ReLU → pointwise 1×1
+    (no bias) → BN → ReLU: the DeepLabV3+ paper's "atrous separable convolution" as its TF
+    reference builds it (``split_separable_conv2d``: BN and ReLU after both convolutions; mmseg's
+    ``DepthwiseSeparableConvModule`` does the same). smp omits the inner BN + ReLU.
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, kernel_size: int = 3, *, dilation: int = 1) -> None:
+        padding = dilation * (kernel_size // 2)
+        super().__init__(
+            nn.Conv2d(in_ch, in_ch, kernel_size, padding=padding, dilation=dilation, groups=in_ch, bias=False),
+            nn.BatchNorm2d(in_ch),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(in_ch, out_ch, 1, bias=False),
+            nn.BatchNorm2d(out_ch),
+            nn.ReLU(inplace=True),
+        )
+
+
+def _conv3x3(in_ch: int, out_ch: int, *, dilation: int = 1, separable: bool = False) -> nn.Sequential:
+    """3×3 ConvBNReLU, or its depthwise-separable form (``SeparableConvBNReLU``)."""
+    block = SeparableConvBNReLU if separable else ConvBNReLU
+    return block(in_ch, out_ch, 3, dilation=dilation)
 
 
 def aspp_dilations(output_stride: int, base: Sequence[int] = (6, 12, 18)) -> tuple[int, ...]:
@@ -62,7 +90,8 @@ class ASPP(nn.Module):
 
     Branches: 1×1, three 3×3 atrous convs (``dilations``) and image pooling, each ``out_ch``
     wide with BN + ReLU; concatenated, projected by a 1×1 conv + BN + ReLU, then Dropout(0.1).
-    The projection plays the role of the NVIDIA reference's ``bot_aspp``.
+    The projection plays the role of the NVIDIA reference's ``bot_aspp``. ``separable=True`` makes
+    the three atrous branches depthwise-separable (:class:`SeparableConvBNReLU`, DeepLabV3+).
 
     Deliberate difference: the pooling branch's BatchNorm runs on the broadcast map instead of the
     ``B×C×1×1`` pooled tensor. The normalising batch mean and variance are identical (every pixel
@@ -77,12 +106,14 @@ class ASPP(nn.Module):
         dilations: Sequence[int] = (6, 12, 18),
         *,
         dropout: float = 0.1,
+        separable: bool = False,
     ) -> None:
         super().__init__()
         self.dilations = tuple(dilations)
+        self.separable = separable
         self.branches = nn.ModuleList(
             [ConvBNReLU(in_ch, out_ch, 1)]
-            + [ConvBNReLU(in_ch, out_ch, 3, dilation=d) for d in self.dilations]
+            + [_conv3x3(in_ch, out_ch, dilation=d, separable=separable) for d in self.dilations]
         )
         self.pool_conv = nn.Conv2d(in_ch, out_ch, 1, bias=False)
         self.pool_bn = nn.BatchNorm2d(out_ch)
@@ -141,8 +172,14 @@ class DeepLabV3PlusHead(_Head):
 
     ``context``: ASPP (rates scaled by ``output_stride``) on the last level → ``aspp_channels``.
     ``decode``: upsample to the level ``low_level_index``, concat with its 1×1 projection to
-    ``low_level_channels`` (256 + 48 = 304 channels = ``feats``), then 3×3 → 256, BN, ReLU,
-    3×3 256 → 256, BN, ReLU, 1×1 → K (no bias, as in the reference).
+    ``low_level_channels`` (256 + 48 = 304 channels = ``feats``), then ``decoder_convs`` × (3×3 →
+    ``decoder_channels``, BN, ReLU) (default 2 × 256, as the paper's Table 2 found best and the
+    NVIDIA reference uses), 1×1 → K (no bias, as in the reference).
+
+    ``separable=True``: the DeepLabV3+ paper's atrous depthwise-separable convolutions in the ASPP
+    branches and the decoder's 3×3 convs (:class:`SeparableConvBNReLU`); on ResNet-18 at OS16 this
+    cuts the head's FLOPs 7× (50.7 → 6.8 GFLOPs at 512×512, where the backbone takes 31.8). The
+    full-conv head is the default because the HMSA reference recipe uses it.
 
     Deliberate difference: the low-level 1×1 projection has BN + ReLU (original DeepLabV3+);
     NVIDIA's ``bot_fine`` is a bare conv.
@@ -157,18 +194,26 @@ class DeepLabV3PlusHead(_Head):
         aspp_channels: int = 256,
         low_level_channels: int = 48,
         low_level_index: int = 0,
+        decoder_channels: int = 256,
+        decoder_convs: int = 2,
+        separable: bool = False,
     ) -> None:
         super().__init__()
+        if decoder_convs < 1 or decoder_channels < 1:
+            raise ConfigError(
+                f"decoder_convs={decoder_convs}, decoder_channels={decoder_channels}: expected both >= 1"
+            )
         self.num_classes = num_classes
+        self.separable = separable
         self.feature_index = _level(in_channels, low_level_index, "low_level_index")
-        self.aspp = ASPP(in_channels[-1], aspp_channels, aspp_dilations(output_stride))
+        self.aspp = ASPP(in_channels[-1], aspp_channels, aspp_dilations(output_stride), separable=separable)
         self.low_level = ConvBNReLU(in_channels[low_level_index], low_level_channels, 1)
         self.context_channels = aspp_channels
         self.feat_channels = aspp_channels + low_level_channels
+        widths = [self.feat_channels] + [decoder_channels] * decoder_convs
         self.final = nn.Sequential(
-            ConvBNReLU(self.feat_channels, 256, 3),
-            ConvBNReLU(256, 256, 3),
-            nn.Conv2d(256, num_classes, 1, bias=False),
+            *(_conv3x3(a, b, separable=separable) for a, b in zip(widths, widths[1:])),
+            nn.Conv2d(decoder_channels, num_classes, 1, bias=False),
         )
 
     def context(self, features: list[Tensor]) -> Tensor:
@@ -184,7 +229,8 @@ class DeepLabV3PlusHead(_Head):
 class DeepLabV3Head(_Head):
     """DeepLabV3 (torchvision ``DeepLabHead`` layout): ASPP → 3×3 ConvBNReLU → 1×1 classifier.
 
-    Logits and ``feats`` (the 3×3 output) are at the last level's stride.
+    Logits and ``feats`` (the 3×3 output) are at the last level's stride. ``separable=True`` makes
+    the ASPP's atrous branches and the 3×3 bottleneck depthwise-separable.
     """
 
     def __init__(
@@ -194,12 +240,13 @@ class DeepLabV3Head(_Head):
         *,
         output_stride: int,
         aspp_channels: int = 256,
+        separable: bool = False,
     ) -> None:
         super().__init__()
         self.num_classes = num_classes
         self.feature_index = len(in_channels) - 1
-        self.aspp = ASPP(in_channels[-1], aspp_channels, aspp_dilations(output_stride))
-        self.bottleneck = ConvBNReLU(aspp_channels, aspp_channels, 3)
+        self.aspp = ASPP(in_channels[-1], aspp_channels, aspp_dilations(output_stride), separable=separable)
+        self.bottleneck = _conv3x3(aspp_channels, aspp_channels, separable=separable)
         self.classifier = nn.Conv2d(aspp_channels, num_classes, 1)
         self.context_channels = self.feat_channels = aspp_channels
 
