@@ -10,7 +10,7 @@ Each arm trains into ``<runs>/<arm>`` (default ``runs/study``, gitignored) with 
 ``OMP_WAIT_POLICY=PASSIVE`` (busy-waiting OpenMP threads are many times slower on a shared CPU);
 an interrupted arm continues with ``--resume auto``. After training, the arm's evaluations run
 (validation split at the label resolution; the train split evaluated the same way, for the val/train
-gap; method-specific inference variants), and ``docs/results/camvid/<arm>.json`` is written with
+gap: 101 evenly spaced train images, as many as val holds; method-specific inference variants), and ``docs/results/camvid/<arm>.json`` is written with
 the scores, parameters, GFLOPs, seconds per epoch with the load average, wall time, the exact
 commands and the commit. An arm whose JSON exists is skipped. With ``--commit`` each result (and
 the regenerated tables) is committed as soon as the arm finishes, so nothing is lost.
@@ -31,7 +31,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "docs/results/camvid"
 DOC = REPO / "docs/results.md"
-THIN = ("Pole", "SignSymbol", "Pedestrian", "Bicyclist")
+THIN = ("pole", "signsymbol", "pedestrian", "bicyclist")
+TRAIN_SUBSET = 101  # train images scored for the val/train gap (evenly spaced, as many as val has)
 
 STRONG = "configs/camvid/deeplabv3plus_r18_strong_cpu.yaml"
 HOST = "configs/camvid/deeplabv3plus_r18_study_host.yaml"
@@ -149,7 +150,7 @@ def run_arm(arm: Arm, runs: Path, commit: bool) -> None:
                                  "load_start": load0, "load_end": os.getloadavg()[0], "commit": commit_id()}) + "\n")
     segments = [json.loads(line) for line in wall_file.read_text().splitlines()] if wall_file.exists() else []
     evals = {"val": evaluate(arm, run_dir, "val", [], [])}
-    evals["train"] = evaluate(arm, run_dir, "train", ["data.val_split=train"], [])
+    evals["train"] = evaluate(arm, run_dir, "train", ["data.val_split=train", f"eval.num_images={TRAIN_SUBSET}"], [])
     for label, (overrides, flags) in arm.variants.items():
         evals[label] = evaluate(arm, run_dir, label, overrides, flags)
     train_s, val_s, load = epoch_times(run_dir)

@@ -178,6 +178,7 @@ class EvalConfig:
     base_size: int | None = None  # resizes image AND labels: the score is then at the reduced size
     # resize only the image by this factor; logits are upsampled to the label size (honest scoring)
     infer_scale: float | None = None
+    num_images: int | None = None  # evaluate only this many evenly spaced images of the split
 
 
 @dataclass
@@ -368,6 +369,8 @@ def check(cfg: Config) -> None:
         raise ConfigError(f"config key 'eval.scales' = {cfg.eval.scales}: expected positive scales")
     if cfg.eval.infer_scale is not None and cfg.eval.infer_scale <= 0:
         raise ConfigError(f"config key 'eval.infer_scale' = {cfg.eval.infer_scale}: expected a positive factor (e.g. 0.5)")
+    if cfg.eval.num_images is not None and cfg.eval.num_images < 1:
+        raise ConfigError(f"config key 'eval.num_images' = {cfg.eval.num_images}: expected a positive number of images")
     if cfg.train.ema_decay is not None and not 0.0 < cfg.train.ema_decay < 1.0:
         raise ConfigError(f"config key 'train.ema_decay' = {cfg.train.ema_decay}: expected a decay in (0, 1), e.g. 0.999")
     m = cfg.model
