@@ -61,7 +61,7 @@ class Arm:
 
 
 ARMS: list[Arm] = [
-    Arm("strong", "strong", "strong recipe (60 min)", STRONG, variants={"flip": ([], ["--flip"])}),
+    Arm("strong", "strong", "strong recipe", STRONG, variants={"flip": ([], ["--flip"])}),
     # ---- methods against their host, DeepLabV3+ R-18 from scratch, one common schedule
     Arm("host_s0", "methods", "host, seed 0", HOST, variants={"avg_0.5_1_2": ([], HIER)}),
     Arm("host_s1", "methods", "host, seed 1", HOST, ["seed=1"]),
@@ -71,7 +71,9 @@ ARMS: list[Arm] = [
     Arm("wide", "methods", "host widened to MCIBI's params/FLOPs", HOST, ["model.head_channels=176"]),
     Arm("host_lr", "methods", "host at 180×240, logits ×2 bilinear", HOST, LOWRES),
     Arm("dsrl", "methods", "DSRL (SSSR+SISR+FA) 180×240 → 360×480", HOST, DSRL),
-    Arm("all", "methods", "HMSA ∘ DSRL ∘ MCIBI composed", ALL, needs=ALL),
+    Arm("all", "methods", "HMSA ∘ DSRL ∘ MCIBI composed", HOST,
+        ["model.hmsa.mode=hierarchical", "model.mcibi.enabled=true", "model.mcibi.channels=128", *DSRL],
+        variants={"hier_0.5_1_2": ([], HIER)}, needs=ALL),  # ALL appears on main with the composition contract
     # ---- ESPNetv2 from the official Cityscapes checkpoint
     Arm("esp_full", "espnetv2", "ESPNetv2 fine-tuned, 360×480 input", ESP),
     Arm("esp_bilinear", "espnetv2", "180×240 → 360×480, bilinear", ESP_DSRL,
