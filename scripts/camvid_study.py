@@ -46,6 +46,9 @@ LOWRES = ["data.crop_size=[176,240]", "data.scale_range=[0.25,0.625]", "eval.inf
 # DSRL: 352×480 high-resolution crops, the network sees them ×0.5 (176×240), outputs 352×480
 DSRL = ["model.dsrl.enabled=true", "model.dsrl.lr_scale=0.5", "data.crop_size=[352,480]", "eval.infer_scale=null"]
 HIER = ["--scales", "0.5,1.0,2.0"]
+# HMSA trained on (0.5, 1.0); "val" of its arm is single-scale (eval.scales=[1.0]), the variants chain
+# or pool (0.5, 1, 2)
+HMSA = ["model.hmsa.mode=hierarchical", "model.hmsa.train_scales=[0.5,1.0]", "model.hmsa.attn_channels=64"]
 
 
 @dataclass
@@ -65,14 +68,14 @@ ARMS: list[Arm] = [
     # ---- methods against their host, DeepLabV3+ R-18 from scratch, one common schedule
     Arm("host_s0", "methods", "host, seed 0", HOST, variants={"avg_0.5_1_2": ([], HIER)}),
     Arm("host_s1", "methods", "host, seed 1", HOST, ["seed=1"]),
-    Arm("hmsa", "methods", "HMSA trained on (0.5, 1.0)", HOST, ["model.hmsa.mode=hierarchical"],
+    Arm("hmsa", "methods", "HMSA trained on (0.5, 1.0)", HOST, [*HMSA, "eval.scales=[1.0]"],
         variants={"avg_0.5_1_2": (["eval.scale_mode=avg"], HIER), "hier_0.5_1_2": ([], HIER)}),
     Arm("mcibi", "methods", "MCIBI (memory 128-d)", HOST, ["model.mcibi.enabled=true", "model.mcibi.channels=128"]),
     Arm("wide", "methods", "host widened to MCIBI's params/FLOPs", HOST, ["model.head_channels=176"]),
     Arm("host_lr", "methods", "host at 180×240, logits ×2 bilinear", HOST, LOWRES),
     Arm("dsrl", "methods", "DSRL (SSSR+SISR+FA) 180×240 → 360×480", HOST, DSRL),
     Arm("all", "methods", "HMSA ∘ DSRL ∘ MCIBI composed", HOST,
-        ["model.hmsa.mode=hierarchical", "model.mcibi.enabled=true", "model.mcibi.channels=128", *DSRL],
+        [*HMSA, "eval.scales=[1.0]", "model.mcibi.enabled=true", "model.mcibi.channels=128", *DSRL],
         variants={"hier_0.5_1_2": ([], HIER)}, needs=ALL),  # ALL appears on main with the composition contract
     # ---- ESPNetv2 from the official Cityscapes checkpoint
     Arm("esp_full", "espnetv2", "ESPNetv2 fine-tuned, 360×480 input", ESP),

@@ -176,8 +176,8 @@ def test_training_losses_terms_and_weights() -> None:
     losses = model.training_losses(batch, StepInfo())
     assert set(losses) == {"ce", "sr", "fa"}
     # recompute by hand from the same (train-mode, batch-statistics) forward
-    run = model._run(batch["image"], (64, 96), with_sr=True)
-    logits, sr = run["public"]["logits"], run["public"]["sr"]
+    run = model.forward_features(batch["image"], (64, 96), return_sr=True)
+    logits, sr = run["logits"], run["sr"]
     ce = F.cross_entropy(logits, batch["mask"], ignore_index=255)
     mse = ((sr - batch["image_hr"]) ** 2).mean()
     seg = F.avg_pool2d(model.fa_transform(run["sssr_full"]), 2)  # label res → SISR grid (r = 2)
@@ -198,9 +198,9 @@ def test_default_weights_and_sssr_only_variant() -> None:
     batch = _batch()
     losses = model.training_losses(batch, StepInfo())
     assert set(losses) == {"ce", "aux", "sr", "fa"}
-    run = model._run(batch["image"], (64, 96), with_sr=True)
-    aux_ce = F.cross_entropy(run["public"]["aux"], batch["mask"], ignore_index=255)
-    assert run["public"]["aux"].shape == (2, K, 64, 96)
+    run = model.forward_features(batch["image"], (64, 96), return_sr=True)
+    aux_ce = F.cross_entropy(run["aux"], batch["mask"], ignore_index=255)
+    assert run["aux"].shape == (2, K, 64, 96)
     torch.testing.assert_close(losses["aux"], 0.4 * aux_ce)
     only = DSRL(_espnet(), sr_weight=0, fa_weight=0)
     assert only.sisr is None and only.fa_transform is None and only.fa is None

@@ -20,6 +20,7 @@ from scaleseg.models.hmsa import (
     ScalePooling,
     deeplabv3plus_os8,
 )
+from scaleseg.models.contract import ContractModel, Grid
 from scaleseg.types import StepInfo
 
 K, C = 4, 6
@@ -29,7 +30,7 @@ def up(t: Tensor, size) -> Tensor:
     return F.interpolate(t, size=tuple(size), mode="bilinear", align_corners=False)
 
 
-class ConvBase(nn.Module):
+class ConvBase(ContractModel):
     """Tiny trainable contract model: logits at input size, aux, feats at stride 4 (input multiple of 4)."""
 
     num_classes, mean, std, stride = K, (0.5,) * 3, (0.25,) * 3, 4
@@ -43,7 +44,8 @@ class ConvBase(nn.Module):
 
     def forward_features(self, x: Tensor) -> dict[str, Tensor]:
         feats = F.avg_pool2d(torch.tanh(self.feat(x)), 4)
-        out = {"logits": up(self.cls(feats), x.shape[-2:]), "feats": feats}
+        size = tuple(x.shape[-2:])
+        out = {"logits": up(self.cls(feats), size), "feats": feats, "grid": Grid(size, size)}
         if self.aux is not None:
             out["aux"] = up(self.aux(feats), x.shape[-2:])
         return out
@@ -52,7 +54,7 @@ class ConvBase(nn.Module):
         return self.forward_features(x)["logits"]
 
 
-class TableBase(nn.Module):
+class TableBase(ContractModel):
     """Returns fixed random logits/aux/feats per input size: the test controls every per-scale output."""
 
     num_classes, mean, std, stride = K, (0.0,) * 3, (1.0,) * 3, 1
@@ -71,7 +73,7 @@ class TableBase(nn.Module):
     def forward_features(self, x: Tensor) -> dict[str, Tensor]:
         size = tuple(x.shape[-2:])
         self.seen.append(size)
-        return dict(self.table[size])
+        return {**self.table[size], "grid": Grid(size, size)}
 
 
 class GateFromFeats(nn.Module):
@@ -290,3 +292,48 @@ def test_deeplabv3plus_os8_builds_and_wraps() -> None:
         naive = up(hmsa.scale_attn(out["feats"]), (36, 44))
     torch.testing.assert_close(out["attn_1.0x"], gate, atol=1e-6, rtol=0)
     assert not torch.allclose(out["attn_1.0x"], naive, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- sizes off the stride
+def test_input_fit_pad_and_stretch_place_feature_maps_where_hand_computed():
+    """A head map of n cells over h input pixels: pad-and-crop puts cell i's centre at (i + ½)·s
+    (s = stride); NVIDIA's stretch at (i + ½)·h/n. Pinned on a ramp t[i] = i at h = 30, stride 4."""
+    from scaleseg.models.contract import Grid
+
+    ramp = torch.arange(8, dtype=torch.float32).view(1, 1, 1, 8)  # ceil(30 / 4) = 8 cells
+    pad = Grid((1, 30), (1, 32)).to_output(ramp)[0, 0, 0]
+    stretch = Grid((1, 30), (1, 30)).to_output(ramp)[0, 0, 0]
+    x = torch.arange(30) + 0.5  # pixel centres
+    torch.testing.assert_close(pad, (x / 4 - 0.5).clamp(0, 7))
+    torch.testing.assert_close(stretch, (x * 8 / 30 - 0.5).clamp(0, 7))
+    # the two differ by up to 1.875 px of position at h = 30 (value ÷ cells-per-pixel)
+    assert abs(float((stretch - pad).abs().max()) * 4 - 1.875) < 0.3
+
+
+def test_stretch_models_run_unpadded_and_stretch_logits_and_attention():
+    from scaleseg.config import load_config
+    from scaleseg.models.factory import create_model
+
+    cfg = load_config(None, ["model.backbone=test_resnet", "model.output_stride=8", "model.head_channels=8",
+                             "model.hmsa.mode=hierarchical", "model.hmsa.attn_channels=8", "model.input_fit=stretch"])
+    torch.manual_seed(0)
+    model = create_model(cfg, K).eval()
+    x = torch.randn(1, 3, 30, 46)
+    base = model.base
+    with torch.no_grad():
+        out = base.forward_features(x)
+        head = base.head(base.backbone(x))  # unpadded input, as NVIDIA's trunk sees it
+        torch.testing.assert_close(out["logits"], up(head["logits"], (30, 46)))
+        res = model.forward_features(x, scales=[0.5, 1.0], return_scales=True)
+        lo = base.forward_features(up(x, (15, 23)))
+        torch.testing.assert_close(res["attn_0.5x"], up(model.scale_attn(lo["feats"]), (15, 23)))
+    padded = create_model(load_config(None, [*cfg_args(cfg), "model.input_fit=pad"]), K).eval()
+    padded.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert (padded.base(x) - out["logits"]).abs().max() > 1e-3  # the choice matters off the stride
+
+
+def cfg_args(cfg) -> list[str]:
+    m = cfg.model
+    return [f"model.backbone={m.backbone}", f"model.output_stride={m.output_stride}",
+            f"model.head_channels={m.head_channels}", "model.hmsa.mode=hierarchical", "model.hmsa.attn_channels=8"]

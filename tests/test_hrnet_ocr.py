@@ -110,3 +110,26 @@ def test_hrnet_ocr_model_with_hmsa() -> None:
     ref = model.forward_features(x)
     assert set(plain) == {"ce", "aux"}
     torch.testing.assert_close(plain["aux"], 0.4 * model.criterion(ref["aux"], mask))
+
+
+def test_hrnet_fusion_is_bilinear_to_the_target_size_as_nvidia_and_hrnet_seg() -> None:
+    """Each fusion adds the lower branches resized bilinearly (align_corners=False) to the target
+    branch's size, so any input size works (timm's nearest ×2 fusion needs multiples of 32)."""
+    from scaleseg.models.hrnet import BilinearFuseModule
+
+    torch.manual_seed(0)
+    trunk = HRNetV2("hrnet_w18_small").eval()
+    stage = next(m for m in trunk.modules() if isinstance(m, BilinearFuseModule) and m.num_branches == 2)
+    x = [torch.randn(1, stage.num_in_chs[0], 11, 18), torch.randn(1, stage.num_in_chs[1], 6, 9)]
+    with torch.no_grad():
+        got = stage([t.clone() for t in x])
+        b = [branch(t) for branch, t in zip(stage.branches, x)]
+        up1 = F.interpolate(stage.fuse_layers[0][1](b[1]), size=(11, 18), mode="bilinear", align_corners=False)
+        want0 = torch.relu(b[0] + up1)
+        want1 = torch.relu(stage.fuse_layers[1][0](b[0]) + b[1])
+    torch.testing.assert_close(got[0], want0)
+    torch.testing.assert_close(got[1], want1)
+    nearest = HRNetV2("hrnet_w18_small", fuse="nearest").eval()
+    nearest.load_state_dict(trunk.state_dict())  # same parameters and names
+    with torch.no_grad():
+        assert (nearest(torch.randn(1, 3, 64, 64))[0] - trunk(torch.randn(1, 3, 64, 64))[0]).abs().max() > 0

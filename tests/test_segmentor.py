@@ -85,7 +85,7 @@ def test_no_aux_head():
     model = _model(aux=False).eval()
     with torch.no_grad():
         out = model.forward_features(torch.randn(1, 3, 32, 32))
-    assert set(out) == {"logits", "feats"}
+    assert set(out) == {"logits", "feats", "head_logits", "grid"}
 
 
 def _batch():

@@ -76,6 +76,9 @@ class ModelConfig:
     decoder_convs: int = 2
     decoder_channels: int = 256
     width: float = 2.0
+    # inputs that are not a multiple of the stride: "pad" (pixel-exact: pad, upsample, crop) or
+    # "stretch" (NVIDIA's HMSA code: run unpadded, stretch ceil(h/s) maps over h pixels)
+    input_fit: Literal["pad", "stretch"] = "pad"
     hmsa: HMSAConfig = field(default_factory=HMSAConfig)
     mcibi: MCIBIConfig = field(default_factory=MCIBIConfig)
     dsrl: DSRLConfig = field(default_factory=DSRLConfig)
@@ -162,6 +165,8 @@ class TrainConfig:
     # EMA of the weights (and BN buffers), updated after every optimiser step; validation, the
     # checkpoints' state_dict and model.safetensors hold the EMA weights (engine/ema.py)
     ema_decay: float | None = None
+    # inference scales of the validation during training (None: eval.scales, i.e. what eval uses)
+    val_scales: list[float] | None = None
 
 
 @dataclass
@@ -170,6 +175,7 @@ class EvalConfig:
     crop_size: list[int] | None = None
     stride: list[int] | None = None
     flip: bool = False
+    # None: single scale, or (0.5, 1.0, 2.0) for a hierarchical model (its own inference scales)
     scales: list[float] | None = None
     # auto: hierarchical chaining for models with hmsa.mode=hierarchical, average pooling otherwise
     scale_mode: Literal["auto", "avg", "max", "hierarchical"] = "auto"

@@ -22,6 +22,9 @@ from ..models.factory import create_model
 
 SCALE_SETS: tuple[tuple[float, ...], ...] = ((0.5, 1.0, 2.0), (0.25, 0.5, 1.0, 2.0))
 WATCH = ("pole", "wire", "road", "sidewalk")  # thin classes and the layout-ambiguous pair
+COMPOSED = "HMSA + MCIBI hierarchical {0.5, 1, 2}"
+# the composed run: the demo's network with MCIBI's memory context in the DeepLabV3+ host, same budget
+COMPOSED_OVERRIDES = ("model.mcibi.enabled=true", "model.mcibi.channels=64", "model.mcibi.consistency_start_epoch=1")
 
 
 def demo_config_path() -> Path:
@@ -73,6 +76,17 @@ def compare(model: HierarchicalAttention, loader: Any, class_names: Sequence[str
     return {name: scores(mats[name].compute(), class_names) for name in variant_names()}
 
 
+def compare_one(model: HierarchicalAttention, loader: Any, class_names: Sequence[str],
+                scales: Sequence[float]) -> dict[str, Any]:
+    """mIoU and per-class IoU of the hierarchical fusion of ``model`` over ``scales``."""
+    mat = ConfusionMatrix(len(class_names))
+    model.eval()
+    with torch.inference_mode():
+        for batch in loader:
+            mat.update(model.forward_features(batch["image"], scales=scales)["logits"].argmax(1), batch["mask"])
+    return scores(mat.compute(), class_names)
+
+
 def format_comparison(results: dict[str, dict[str, Any]]) -> str:
     head = f"{'inference':<32} {'mIoU':>6} " + " ".join(f"{c:>8}" for c in WATCH)
     lines = [head, "-" * len(head)]
@@ -91,30 +105,47 @@ def comparison_html(results: dict[str, dict[str, Any]]) -> str:
     return f"<table border='1' cellpadding='4'>{head}{rows}</table>"
 
 
+def train_run(cfg: Any) -> Any:
+    """Train (or continue, or skip if finished) the run in ``cfg.output_dir``; → the trained model."""
+    out = Path(cfg.output_dir)
+    if not (out / "model.safetensors").exists():
+        resume = "auto" if any((out / "checkpoints").glob("last*.ckpt")) else None
+        train(cfg, resume=resume)
+    dm = SegDataModule(cfg)
+    model = create_model(cfg, dm.spec.num_classes)
+    load_model_weights(model, out / "model.safetensors")
+    return model
+
+
+def composed_config_args(out: Path, overrides: Sequence[str]) -> list[str]:
+    """Config arguments of the demo's composed HMSA + MCIBI run (in ``out/hmsa_mcibi``)."""
+    return [f"output_dir={out / 'hmsa_mcibi'}", *overrides, *COMPOSED_OVERRIDES]
+
+
 def demo(out: str | Path = "runs/demo", overrides: Sequence[str] = (), quiet: bool = False) -> dict[str, Any]:
-    """Train (or continue) the demo run in ``out``, evaluate the variants, write table, JSON and HTML."""
+    """Train (or continue) the demo runs in ``out`` — HMSA, and HMSA + MCIBI on the same budget —
+    evaluate the variants, write table, JSON and HTML."""
     out = Path(out)
     cfg = load_config(demo_config_path(), [f"output_dir={out}", *overrides])
+    composed_cfg = load_config(demo_config_path(), composed_config_args(out, overrides))
     if not quiet:
         from ..config import to_yaml
 
         print("# resolved config\n" + to_yaml(cfg))
     start = time.perf_counter()
-    finished = (out / "model.safetensors").exists()
-    if not finished:
-        resume = "auto" if any((out / "checkpoints").glob("last*.ckpt")) else None
-        train(cfg, resume=resume)
+    model = train_run(cfg)
+    composed = train_run(composed_cfg)
     train_seconds = time.perf_counter() - start
 
     dm = SegDataModule(cfg)
-    model = create_model(cfg, dm.spec.num_classes)
-    load_model_weights(model, out / "model.safetensors")
     dm.set_normalization(model.mean, model.std)
     dm.setup("validate")
-    results = compare(model, eval_loader(dm.val_set, cfg), list(dm.spec.classes))
+    loader = eval_loader(dm.val_set, cfg)
+    results = compare(model, loader, list(dm.spec.classes))
+    results[COMPOSED] = compare_one(composed, loader, list(dm.spec.classes), SCALE_SETS[0])
     table = format_comparison(results)
-    print(f"\nScaleScenes val ({len(dm.val_set)} images), one network trained on scales "
-          f"{cfg.model.hmsa.train_scales}:\n{table}")
+    print(f"\nScaleScenes val ({len(dm.val_set)} images), networks trained on scales "
+          f"{cfg.model.hmsa.train_scales} (the last row: the same network with MCIBI, same budget):\n{table}")
     page = dump_scale_maps(model, dm.val_set, SCALE_SETS[-1], out / "pictures", limit=8,
                            title="scaleseg demo: hierarchical multi-scale attention on ScaleScenes",
                            table_html=comparison_html(results))

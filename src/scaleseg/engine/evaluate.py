@@ -93,6 +93,15 @@ def _same_size_batches(files: list[tuple[Path, Path]], batch_size: int) -> Itera
         yield batch
 
 
+def resize_image(image: np.ndarray, size: tuple[int, ...]) -> np.ndarray:
+    """``H×W×3`` uint8 → ``size`` (h, w), bilinear; unchanged when the size already matches."""
+    if image.shape[:2] == tuple(size[:2]):
+        return image
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(image).resize((int(size[1]), int(size[0])), Image.BILINEAR))
+
+
 def normalize(images: np.ndarray, mean: Sequence[float], std: Sequence[float], device: torch.device) -> torch.Tensor:
     """B×H×W×3 uint8 → B×3×H×W float32 normalised."""
     x = torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float().div_(255)
@@ -104,7 +113,8 @@ def normalize(images: np.ndarray, mean: Sequence[float], std: Sequence[float], d
 def predict(cfg: Config, checkpoint: str | Path, inputs: Sequence[str | Path], out_dir: str | Path,
             batch_size: int = 4) -> list[Path]:
     """Write ``<name>_label.png`` (ids), ``<name>_color.png`` (palette PNG) and ``<name>_overlay.png``
-    per image, in batches of equal-size images, with a progress bar."""
+    per image, in batches of equal-size images, with a progress bar. Labels are at the model's output
+    resolution (a DSRL model: 1/lr_scale × the input; the overlay shows the upsampled image)."""
     model, dm = load_trained(cfg, checkpoint)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).eval()
@@ -116,16 +126,13 @@ def predict(cfg: Config, checkpoint: str | Path, inputs: Sequence[str | Path], o
     with torch.inference_mode(), tqdm(total=len(files), desc="predict", unit="img") as bar:
         for batch in _same_size_batches(files, batch_size):
             x = normalize(np.stack([b[2] for b in batch]), model.mean, model.std, device)
-            logits = infer(x)
-            if logits.shape[-2:] != x.shape[-2:]:
-                logits = torch.nn.functional.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
-            labels = logits.argmax(1).to(torch.uint8).cpu().numpy()
+            labels = infer(x).argmax(1).to(torch.uint8).cpu().numpy()
             for (_, rel, image), label in zip(batch, labels):
                 stem = out / rel.with_suffix("")
                 color = colorize(label, palette)
                 save_png(f"{stem}_label.png", label)
                 save_png(f"{stem}_color.png", label, palette=palette)  # palette PNG: ids + colours
-                save_png(f"{stem}_overlay.png", overlay(image, color, 0.5))
+                save_png(f"{stem}_overlay.png", overlay(resize_image(image, label.shape), color, 0.5))
                 written.append(Path(f"{stem}_label.png"))
             bar.update(len(batch))
     return written

@@ -26,21 +26,26 @@ def poly_factor(step: int, max_steps: int, power: float, warmup_steps: int = 0, 
     return max(0.0, 1.0 - step / max(max_steps, 1)) ** power
 
 
-def make_predictor(model: nn.Module, cfg: Config) -> Callable[[torch.Tensor], torch.Tensor]:
+def make_predictor(
+    model: nn.Module, cfg: Config, scales: list[float] | None = None
+) -> Callable[[torch.Tensor], torch.Tensor]:
     """``x B×3×H×W → logits`` under the configured inference (``eval`` section).
 
-    For a hierarchical-attention model, ``eval.scales`` are chained by its attention (scale_mode
-    auto/hierarchical) or pooled (avg/max over its single-scale outputs, the paper's baselines); for
-    any other model they are pooled (auto = avg). Without ``eval.scales`` inference is single-scale.
+    ``scales`` (default ``eval.scales``): for a hierarchical-attention model they are chained by its
+    attention (scale_mode auto/hierarchical; without scales, the model's own ``infer_scales``,
+    (0.5, 1.0, 2.0) unless the config set others) or pooled (avg/max over its single-scale outputs,
+    the paper's baselines); for any other model they are pooled (auto = avg), and without scales
+    inference is single-scale.
     """
     from ..models.hmsa import HierarchicalAttention
 
     e = cfg.eval
+    scales = e.scales if scales is None else scales
     hierarchical = isinstance(model, HierarchicalAttention)
     if e.scale_mode == "hierarchical" and not hierarchical:
         raise ConfigError("config key 'eval.scale_mode' = 'hierarchical' needs model.hmsa.mode=hierarchical")
     chain = hierarchical and e.scale_mode in ("auto", "hierarchical")
-    pool_scales = e.scales if e.scales and not chain else None
+    pool_scales = scales if scales and not chain else None
     inferencer = Inferencer(
         mode=e.mode, crop_size=tuple(e.crop_size) if e.crop_size else None,
         stride=tuple(e.stride) if e.stride else None, flip=e.flip, scales=pool_scales,
@@ -48,8 +53,8 @@ def make_predictor(model: nn.Module, cfg: Config) -> Callable[[torch.Tensor], to
         input_scale=e.infer_scale,
     )
     if chain:
-        scales = tuple(e.scales or [1.0])
-        fn: Callable[[torch.Tensor], torch.Tensor] = lambda x: model.forward_features(x, scales=scales)["logits"]
+        chain_scales = tuple(scales) if scales else tuple(model.infer_scales)
+        fn: Callable[[torch.Tensor], torch.Tensor] = lambda x: model.forward_features(x, scales=chain_scales)["logits"]
     elif hierarchical:
         fn = lambda x: model.forward_features(x, scales=[1.0])["logits"]
     else:
@@ -73,12 +78,13 @@ def model_signature(cfg: Config, num_classes: int) -> str:
 class SegTask(L.LightningModule):
     """Wraps any scaleseg model (see docs/architecture.md) for Lightning training and evaluation."""
 
-    def __init__(self, model: nn.Module, cfg: Config, class_names: list[str]) -> None:
+    def __init__(self, model: nn.Module, cfg: Config, class_names: list[str], scales: list[float] | None = None) -> None:
+        """``scales`` overrides ``eval.scales`` for validation (training passes ``train.val_scales``)."""
         super().__init__()
         self.model = model
         self.cfg = cfg
         self.class_names = list(class_names)
-        self.predictor = make_predictor(model, cfg)
+        self.predictor = make_predictor(model, cfg, scales)
         self.val_cm = ConfusionMatrix(len(class_names))
         self.extra_metrics = nn.ModuleDict(getattr(model, "val_metrics", lambda: {})())
         self.max_steps = 1  # set by the caller from the data length (see engine.train.steps_per_epoch)

@@ -107,7 +107,7 @@ def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
     dm = SegDataModule(cfg)
     model = create_model(cfg, dm.spec.num_classes)
     dm.set_normalization(model.mean, model.std)
-    task = SegTask(model, cfg, list(dm.spec.classes))
+    task = SegTask(model, cfg, list(dm.spec.classes), scales=cfg.train.val_scales)
     trainer = build_trainer(cfg, ckpt_dir)
     dm.setup("fit")
     task.max_steps = cfg.train.epochs * steps_per_epoch(dm.train_length, cfg, trainer.world_size)

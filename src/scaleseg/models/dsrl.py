@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -53,6 +54,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from scaleseg.errors import ConfigError, DataError
 from scaleseg.losses.fa import DEFAULT_MAX_BLOCK_BYTES, FALoss
+from scaleseg.models.contract import ContractModel, Grid, Run, inner_runs, merge_losses, supervise
 from scaleseg.types import StepInfo
 
 __all__ = [
@@ -137,13 +139,16 @@ class FeatureTransform(nn.Sequential):
         super().__init__(nn.Conv2d(in_ch, out_ch, 1, bias=False), nn.BatchNorm2d(out_ch), nn.ReLU(inplace=True))
 
 
-class DSRLInferenceModel(nn.Module):
+class DSRLInferenceModel(ContractModel):
     """Base segmentation model + SSSR head (or bilinear upsampling): the DSRL network at inference.
 
-    ``base`` is a ``SegmentationModel``-like module (``backbone``, ``head`` with ``feature_index`` and
-    ``feat_channels``, ``num_classes``, ``mean``, ``std``, ``stride``). ``forward_features(x)`` returns
-    ``logits`` ``B×K×(H·s)×(W·s)`` with s = ``output_scale`` = 1/lr_scale and ``feats`` (the head's
-    feature). State-dict keys: ``base.*`` and ``sssr.*``.
+    ``base`` is a ``SegmentationModel`` (plain, ESPNetv2, HRNet-OCR or an MCIBI host; ``backbone``,
+    ``head`` with ``feature_index``, ``num_classes``, ``mean``, ``std``, ``stride``).
+    ``forward_features(x)`` returns ``logits`` ``B×K×(H·s)×(W·s)`` with s = ``output_scale`` =
+    1/lr_scale, ``feats`` (the head's feature), ``aux`` (the base's aux logits at the label size, if
+    any), ``grid`` (input, padded input, scale s), ``sssr_full`` (the uncropped upsampled logits) and
+    ``runs`` (the base's own output dict, on the label grid, as one :class:`Run`). State-dict keys:
+    ``base.*`` and ``sssr.*``.
     """
 
     def __init__(
@@ -170,54 +175,49 @@ class DSRLInferenceModel(nn.Module):
     def upsample(self) -> str:
         return "bilinear" if self.sssr is None else "sssr"
 
-    def forward_features(self, x: Tensor, out_size: tuple[int, int] | None = None) -> dict[str, Tensor]:
-        """``B×3×H×W`` LR image → ``{"logits": B×K×(H·s)×(W·s), "feats": head feature, "aux"?}``.
+    @property
+    def feat_channels(self) -> int:
+        return self.base.feat_channels
+
+    def forward_features(self, x: Tensor, out_size: tuple[int, int] | None = None) -> dict[str, Any]:
+        """``B×3×H×W`` LR image → output dict (see the class docstring).
 
         ``out_size`` overrides the label size (e.g. the HR mask's size when rounding made it differ by
-        less than s pixels). ``aux`` (the base's aux head, at the label size) only when it exists.
+        less than s pixels).
         """
-        return self._run(x, out_size, with_sr=False)["public"]
+        return self._run(x, out_size, with_sr=False)
 
     def forward(self, x: Tensor) -> Tensor:
         """``B×3×H×W`` LR image → ``B×K×(H·s)×(W·s)`` logits."""
-        return self._run(x, None, with_sr=False, with_aux=False)["public"]["logits"]
-
-    def predict(self, image: Any) -> Tensor:
-        """Eval-mode labels of raw image(s) at ``output_scale`` × their size (``predict_labels``)."""
-        from scaleseg.models.segmentor import predict_labels
-
-        return predict_labels(self, image)
+        return self._run(x, None, with_sr=False, with_aux=False)["logits"]
 
     # ------------------------------------------------------------------ internals
     def _run(
         self, x: Tensor, out_size: tuple[int, int] | None, *, with_sr: bool, with_aux: bool = True
     ) -> dict[str, Any]:
-        """Shared forward. Returns ``{"public": contract dict, "sssr_full", "sisr_feat", "sr_full"}``."""
+        """Shared forward: pad the LR input (to the stride, and to cover ``out_size``), run the base on
+        the label grid, upsample its head logits (SSSR or bilinear), crop to the label size."""
         height, width = x.shape[-2:]
-        out_h, out_w = out_size or (height * self.output_scale, width * self.output_scale)
-        if abs(out_h - height * self.output_scale) >= self.output_scale or abs(
-            out_w - width * self.output_scale
-        ) >= self.output_scale:
+        s = self.output_scale
+        out_h, out_w = out_size or (height * s, width * s)
+        if abs(out_h - height * s) >= s or abs(out_w - width * s) >= s:
             raise DataError(
                 f"DSRL: label size {out_h}×{out_w} does not match the {height}×{width} input at "
-                f"lr_scale={self.lr_scale} (expected {height * self.output_scale}×{width * self.output_scale})"
+                f"lr_scale={self.lr_scale} (expected {height * s}×{width * s})"
             )
-        padded = _pad(x, self.stride, (math.ceil(out_h / self.output_scale), math.ceil(out_w / self.output_scale)))
-        label_size = (padded.shape[-2] * self.output_scale, padded.shape[-1] * self.output_scale)
-        features = self.base.backbone(padded)
-        head_out = self.base.head(features)
-        logits = self._upsample_logits(head_out["logits"], padded.shape[-2:], label_size)
-        public = {"logits": logits[..., :out_h, :out_w], "feats": head_out["feats"]}
-        aux_head = getattr(self.base, "aux_head", None)
-        if with_aux and aux_head is not None:
-            aux = _resize(aux_head(features[self.base.aux_index]), label_size)
-            public["aux"] = aux[..., :out_h, :out_w]
-        result: dict[str, Any] = {"public": public, "sssr_full": logits}
+        padded = _pad(x, self.stride, (math.ceil(out_h / s), math.ceil(out_w / s)))
+        inner = self.base.forward_features(padded, scale=s, size=(out_h, out_w), with_aux=with_aux, with_logits=False)
+        full = self._upsample_logits(inner["head_logits"], padded.shape[-2:], (padded.shape[-2] * s, padded.shape[-1] * s))
+        grid = Grid((int(height), int(width)), (int(padded.shape[-2]), int(padded.shape[-1])), s)
+        out: dict[str, Any] = {"logits": full[..., :out_h, :out_w], "feats": inner["feats"], "grid": grid,
+                               "sssr_full": full, "runs": [Run(inner)]}
+        if "aux" in inner:
+            out["aux"] = inner["aux"]
         if with_sr:
-            sr, sisr_feat = self.sisr(head_out["feats"], label_size)  # type: ignore[operator]
-            public["sr"] = sr[..., :out_h, :out_w]
-            result["sisr_feat"] = sisr_feat
-        return result
+            sr, sisr_feat = self.sisr(inner["feats"], grid.padded_output_size)  # type: ignore[operator]
+            out["sr"] = sr[..., :out_h, :out_w]
+            out["sisr_feat"] = sisr_feat
+        return out
 
     def _upsample_logits(self, logits: Tensor, input_size: torch.Size, label_size: tuple[int, int]) -> Tensor:
         if self.sssr is None:
@@ -307,37 +307,57 @@ class DSRL(DSRLInferenceModel):
 
     def forward_features(
         self, x: Tensor, out_size: tuple[int, int] | None = None, *, return_sr: bool = False
-    ) -> dict[str, Tensor]:
+    ) -> dict[str, Any]:
         """As :meth:`DSRLInferenceModel.forward_features`, plus ``sr`` (``B×3×(H·s)×(W·s)``, the
-        normalised SISR image) when ``return_sr`` or in training mode and the model has a SISR branch."""
+        normalised SISR image) and ``sisr_feat`` when ``return_sr`` or in training mode and the model
+        has a SISR branch."""
         with_sr = self.sisr is not None and (return_sr or self.training)
-        return self._run(x, out_size, with_sr=with_sr)["public"]
+        return self._run(x, out_size, with_sr=with_sr)
 
-    def training_losses(self, batch: dict[str, Any], step: StepInfo) -> dict[str, Tensor]:
-        """``{"ce", "aux"?, "sr"?, "fa"?}``, already weighted; sum = ``CE + sr_weight·MSE + fa_weight·FA``.
+    def training_forward(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """The forward of :meth:`training_losses`: on the HR mask's grid (it may be a pixel smaller
+        than 2× the LR input after rounding)."""
+        mask = batch["mask"]
+        return self._run(batch["image"], (int(mask.shape[-2]), int(mask.shape[-1])), with_sr=self.sisr is not None)
 
-        ``batch``: ``image`` ``B×3×h×w`` (LR), ``image_hr`` ``B×3×H×W`` (HR, normalised; needed when
-        ``sr_weight > 0``), ``mask`` ``B×H×W`` (HR). ``step`` is unused.
-        """
-        x, mask = batch["image"], batch["mask"]
-        out_size = (int(mask.shape[-2]), int(mask.shape[-1]))
-        run = self._run(x, out_size, with_sr=self.sisr is not None)
-        out = run["public"]
-        criterion = self.base.criterion
-        losses = {"ce": criterion(out["logits"], mask)}
+    def supervision_losses(self, out: dict[str, Any], batch: dict[str, Any], step: StepInfo) -> dict[str, Tensor]:
+        """``ce`` = base criterion on the label-resolution logits vs the HR mask; ``aux`` =
+        ``aux_weight`` · side criterion on the base's aux logits (bilinearly upsampled to the label
+        resolution), when the base has an aux head."""
+        mask = batch["mask"]
+        losses = {"ce": supervise(self.base.criterion, out["logits"], mask)}
         if "aux" in out:
-            losses["aux"] = self.base.aux_weight * criterion(out["aux"], mask)
-        if self.sr_weight > 0:
-            hr = batch.get("image_hr")
-            if hr is None or hr.shape != out["sr"].shape:
-                got = None if hr is None else tuple(hr.shape)
-                raise DataError(
-                    f"DSRL: batch['image_hr'] is {got}; expected {tuple(out['sr'].shape)} (normalised HR image)"
-                )
-            losses["sr"] = self.sr_weight * F.mse_loss(out["sr"], hr)
-        if self.fa is not None:
-            losses["fa"] = self.fa_weight * self._fa(run["sssr_full"], run["sisr_feat"])
+            losses["aux"] = self.base.aux_weight * supervise(self.base.aux_criterion, out["aux"], mask)
         return losses
+
+    def method_losses(self, runs: Sequence[Run], batch: dict[str, Any], step: StepInfo) -> dict[str, Tensor]:
+        """``sr`` (``sr_weight`` · MSE to the normalised HR image) and ``fa`` (``fa_weight`` · FA), each
+        the mean over ``runs``, then the base model's method terms for its runs (an MCIBI base: its
+        memory and consistency terms against the HR mask). ``batch["image_hr"]`` (``B×3×H×W``) is
+        needed when ``sr_weight > 0``; a run at another scale compares with it resized to its size."""
+        losses: dict[str, Tensor] = {}
+        if self.sr_weight > 0:
+            losses["sr"] = self.sr_weight * torch.stack([self._sr_loss(run, batch) for run in runs]).mean()
+        if self.fa is not None:
+            losses["fa"] = self.fa_weight * torch.stack(
+                [self._fa(run.out["sssr_full"], run.out["sisr_feat"]) for run in runs]
+            ).mean()
+        return merge_losses(losses, self.base.method_losses(inner_runs(runs), batch, step))
+
+    def update_state(self, runs: Sequence[Run], batch: dict[str, Any], step: StepInfo) -> None:
+        """The base model's state updates (the MCIBI memory) on its runs, with the HR mask."""
+        self.base.update_state(inner_runs(runs), batch, step)
+
+    def _sr_loss(self, run: Run, batch: dict[str, Any]) -> Tensor:
+        """MSE of one run's SISR image to ``batch["image_hr"]`` (resized to the run's size for a run
+        at another scale, e.g. HMSA's low-scale run)."""
+        hr, sr = batch.get("image_hr"), run.out["sr"]
+        if hr is not None and run.scale != 1.0 and hr.shape[-2:] != sr.shape[-2:]:
+            hr = F.interpolate(hr, size=sr.shape[-2:], mode="bilinear", align_corners=False, antialias=True)
+        if hr is None or hr.shape != sr.shape:
+            got = None if hr is None else tuple(hr.shape)
+            raise DataError(f"DSRL: batch['image_hr'] is {got}; expected {tuple(sr.shape)} (normalised HR image)")
+        return F.mse_loss(sr, hr)
 
     def _fa(self, sssr_full: Tensor, sisr_feat: Tensor) -> Tensor:
         """FA between FeatureTransform(SSSR output) pooled to the SISR feature grid and the SISR feature."""

@@ -53,6 +53,9 @@ def build_backbone(cfg: Config) -> Backbone:
     return Backbone(m.backbone, output_stride=m.output_stride, pretrained=m.pretrained, pretrained_file=m.pretrained_file)
 
 
+DEFAULT_INFER_SCALES = (0.5, 1.0, 2.0)
+"""Inference scales of a hierarchical model when ``eval.scales`` is not set (NVIDIA's evaluation)."""
+
 MCIBI_HOSTS = {"deeplabv3plus": "deeplabv3plus", "deeplabv3": "deeplabv3", "pspnet": "pspnet", "fcn": "fcn",
                "hrnet_ocr": "ocr"}
 
@@ -75,7 +78,7 @@ def build_mcibi_model(cfg: Config, num_classes: int, criterion: nn.Module) -> nn
         aux_head=m.aux_head, aux_weight=m.aux_weight, memory_loss_weight=mc.memory_loss_weight,
         consistency_weight=mc.consistency_weight, consistency_start_epoch=mc.consistency_start_epoch,
         stride8_weight=mc.stride8_weight, momentum=mc.momentum, momentum_min_ratio=mc.momentum_min_ratio,
-        memory_init=mc.init, full_resolution=mc.full_resolution,
+        memory_init=mc.init, full_resolution=mc.full_resolution, input_fit=m.input_fit,
     )
 
 
@@ -88,6 +91,8 @@ def build_segmentation_model(cfg: Config, num_classes: int) -> nn.Module:
     if m.arch == "espnetv2":
         from .espnetv2 import espnetv2_seg
 
+        if m.input_fit != "pad":
+            raise ConfigError(f"config key 'model.input_fit' = {m.input_fit!r} is not supported by model.arch 'espnetv2'; use 'pad'")
         if m.pretrained_file is None:
             return espnetv2_seg(num_classes, s=m.width, criterion=criterion)
         from .espnetv2_finetune import checkpoint_proj_planes, load_edgenets_pretrained, read_edgenets_state
@@ -102,20 +107,20 @@ def build_segmentation_model(cfg: Config, num_classes: int) -> nn.Module:
 
         mid = m.head_channels * 2  # OCR mid channels 512 with the default head_channels 256
         return hrnet_ocr(num_classes, m.backbone, pretrained=m.pretrained, pretrained_file=m.pretrained_file,
-                         criterion=criterion, aux_weight=m.aux_weight, mid_channels=mid, key_channels=mid // 2)
+                         criterion=criterion, aux_weight=m.aux_weight, mid_channels=mid, key_channels=mid // 2,
+                         input_fit=m.input_fit)
     backbone = build_backbone(cfg)
     aux = AuxFCNHead(backbone.channels[-2], num_classes, m.head_channels) if m.aux_head else None
     head = _head(m.arch, backbone.channels, num_classes, cfg)
-    return SegmentationModel(backbone, head, num_classes, criterion=criterion, aux_head=aux, aux_weight=m.aux_weight)
+    return SegmentationModel(backbone, head, num_classes, criterion=criterion, aux_head=aux, aux_weight=m.aux_weight,
+                             input_fit=m.input_fit)
 
 
 def create_model(cfg: Config, num_classes: int) -> nn.Module:
-    """The model the config describes, for ``num_classes`` classes."""
-    m = cfg.model
-    if m.mcibi.enabled and (m.dsrl.enabled or m.hmsa.mode != "none"):
-        # both wrappers train through base.forward_features, which would skip the memory update
-        raise ConfigError("model.mcibi.enabled cannot yet be combined with model.dsrl or model.hmsa: "
-                          "their training would bypass the MCIBI memory update")
+    """The model the config describes, for ``num_classes`` classes: the base (plain, ESPNetv2,
+    HRNet-OCR or an MCIBI host), wrapped by DSRL (``model.dsrl.enabled``), then by hierarchical or
+    explicit attention (``model.hmsa.mode``). Any combination composes: each wrapper hands its runs'
+    outputs back to the model inside it for that model's losses and state updates."""
     model: Any = build_segmentation_model(cfg, num_classes)
     if cfg.model.dsrl.enabled:
         model = wrap_dsrl(model, cfg)
@@ -130,12 +135,12 @@ def wrap_multiscale(base: nn.Module, cfg: Config) -> nn.Module:
     from .hmsa import ExplicitAttention, HierarchicalAttention
 
     h, m = cfg.model.hmsa, cfg.model
-    head = getattr(base, "head", None)
-    attn_in = getattr(head, "feat_channels", None)
+    attn_in = getattr(base, "feat_channels", None)
     if attn_in is None:
         raise ConfigError(f"model.hmsa.mode={h.mode!r} needs a model whose head reports feat_channels ({m.arch} does not)")
     if h.mode == "hierarchical":
-        return HierarchicalAttention(base, attn_in, train_scales=h.train_scales, infer_scales=(1.0,),
+        infer = cfg.eval.scales if cfg.eval.scales and cfg.eval.scale_mode in ("auto", "hierarchical") else DEFAULT_INFER_SCALES
+        return HierarchicalAttention(base, attn_in, train_scales=h.train_scales, infer_scales=infer,
                                      per_scale_weight=h.per_scale_weight, aux_weight=m.aux_weight,
                                      attn_bottleneck=h.attn_channels)
     return ExplicitAttention(base, attn_in, h.explicit_scales, per_scale_weight=h.per_scale_weight,
@@ -143,8 +148,8 @@ def wrap_multiscale(base: nn.Module, cfg: Config) -> nn.Module:
 
 
 def wrap_dsrl(base: nn.Module, cfg: Config) -> nn.Module:
-    """Dual super-resolution learning around a plain model: SSSR (or the bilinear baseline), and with
-    ``dsrl.sisr`` the SISR branch and the FA loss (training-only)."""
+    """Dual super-resolution learning around a base model (plain or an MCIBI host): SSSR (or the
+    bilinear baseline), and with ``dsrl.sisr`` the SISR branch and the FA loss (training-only)."""
     from .dsrl import DSRL
 
     d = cfg.model.dsrl

@@ -26,10 +26,10 @@ from torch import Tensor, nn
 
 from scaleseg.errors import ConfigError
 from scaleseg.inference import scale_pooling
-from scaleseg.losses.rmi import RMICriterion
 from scaleseg.models.backbone import Backbone
 from scaleseg.models.heads import DeepLabV3PlusHead
-from scaleseg.models.segmentor import SegmentationModel, predict_labels
+from scaleseg.models.contract import ContractModel, Run, inner_runs, merge_losses, resize, supervise
+from scaleseg.models.segmentor import SegmentationModel, side_criterion
 from scaleseg.types import StepInfo
 
 __all__ = [
@@ -63,29 +63,12 @@ def check_scales(scales: Sequence[float], key: str) -> tuple[float, ...]:
     return tuple(float(s) for s in values)
 
 
-def _resize(x: Tensor, size: Sequence[int]) -> Tensor:
-    """Bilinear, ``align_corners=False`` resize of ``B×C×h×w`` to ``size``; identity if equal."""
-    size = (int(size[0]), int(size[1]))
-    if tuple(x.shape[-2:]) == size:
-        return x
-    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+_resize = resize
 
 
 def _scaled_size(x: Tensor, scale: float) -> tuple[int, int]:
     h, w = x.shape[-2:]
     return max(1, math.floor(h * scale)), max(1, math.floor(w * scale))
-
-
-def _feature_map_to_input(t: Tensor, size: Sequence[int], stride: int) -> Tensor:
-    """Upsample a feature-resolution map ``B×C×h×w`` to the input ``size``.
-
-    The base model pads its input up to a multiple of ``stride`` (bottom/right) and crops its
-    logits back, so a feature map covers the padded image: resize to the padded size, then crop.
-    Without padding this is a plain bilinear resize, exactly the reference's ``Upsample(attn, x_size)``.
-    """
-    h, w = int(size[0]), int(size[1])
-    ph, pw = math.ceil(h / stride) * stride, math.ceil(w / stride) * stride
-    return _resize(t, (ph, pw))[..., :h, :w]
 
 
 class AttentionHead(nn.Sequential):
@@ -109,8 +92,16 @@ class AttentionHead(nn.Sequential):
         ]))
 
 
-class _ScaleWrapper(nn.Module):
-    """Shared plumbing: contract attributes passed through from the base model, criteria, predict."""
+class _ScaleWrapper(ContractModel):
+    """Shared plumbing of the multi-scale wrappers: contract attributes passed through from the base
+    model, criteria, the base run at one scale, and the contract hooks.
+
+    A wrapper's output dict holds ``runs``: one :class:`~scaleseg.models.contract.Run` per scale it
+    ran the base at (the base's own output dict and the scale). :meth:`method_losses` adds the
+    wrapper's per-scale terms and then the base model's method terms for those runs;
+    :meth:`update_state` hands the runs to the base (an MCIBI base updates its memory from the
+    scale-1.0 run only, see ``MCIBIModel``).
+    """
 
     def __init__(
         self,
@@ -145,9 +136,19 @@ class _ScaleWrapper(nn.Module):
     def stride(self) -> int:
         return self.base.stride
 
+    @property
+    def feat_channels(self) -> int:
+        return self.base.feat_channels
+
+    @property
+    def output_scale(self) -> int:  # type: ignore[override]
+        return getattr(self.base, "output_scale", 1)
+
     def main_criterion(self) -> nn.Module:
         """The criterion for the fused logits: ``criterion=`` if given, else the base model's."""
         crit = self.criterion if self.criterion is not None else getattr(self.base, "criterion", None)
+        if crit is None:
+            crit = getattr(getattr(self.base, "base", None), "criterion", None)  # a DSRL base
         if crit is None:
             raise ConfigError(f"{type(self).__name__}: no criterion given and the base model has none")
         return crit
@@ -156,76 +157,78 @@ class _ScaleWrapper(nn.Module):
         """Criterion for aux and per-scale terms: ``aux_criterion=``, else BCE only for RMI, else main."""
         if self.aux_criterion is not None:
             return self.aux_criterion
-        crit = self.main_criterion()
-        return crit.bce_only() if isinstance(crit, RMICriterion) else crit
+        return side_criterion(self.main_criterion())
 
-    def _base_run(self, x: Tensor, scale: float) -> tuple[Tensor, dict[str, Tensor]]:
-        """Resize ``x`` by ``scale`` (floor size) and run the base → (resized input, base outputs)."""
+    def _base_run(self, x: Tensor, scale: float) -> Run:
+        """Resize ``x`` by ``scale`` (floor size) and run the base → its :class:`Run`."""
         xs = x if scale == 1.0 else _resize(x, _scaled_size(x, scale))
-        return xs, self.base.forward_features(xs)
+        return Run(self.base.forward_features(xs), scale)
 
-    def _fused_losses(self, out: dict[str, Tensor], target: Tensor, scales: Sequence[float]) -> dict[str, Tensor]:
-        """``main`` on the fused logits, then aux and per-scale terms on each unfused ``pred_<s>x``
-        resized to the fused size (see ``_weighted_side_losses``)."""
-        size = out["logits"].shape[-2:]
-        losses = {"main": self.main_criterion()(out["logits"], target)}
-        per_scale = {scale_key("pred", s): _resize(out[scale_key("pred", s)], size) for s in scales}
-        return _weighted_side_losses(
-            losses, self.side_criterion(), target, out.get("aux"), self.aux_weight, per_scale, self.per_scale_weight,
-        )
+    def supervision_losses(self, out: dict[str, Any], batch: dict[str, Any], step: StepInfo) -> dict[str, Tensor]:
+        """``main`` (criterion on the fused logits) and ``aux`` (``aux_weight`` · side criterion on the
+        fused aux logits, when the base has aux logits and the weight is > 0)."""
+        mask = batch["mask"]
+        losses = {"main": supervise(self.main_criterion(), out["logits"], mask)}
+        if out.get("aux") is not None and self.aux_weight > 0:
+            losses["aux"] = self.aux_weight * supervise(self.side_criterion(), out["aux"], mask)
+        return losses
 
-    def forward(self, x: Tensor) -> Tensor:
-        """``B×3×H×W`` → fused ``B×K×H×W`` logits."""
-        return self.forward_features(x)["logits"]
+    def method_losses(self, runs: Sequence[Run], batch: dict[str, Any], step: StepInfo) -> dict[str, Tensor]:
+        """``pred_<s>x``: ``per_scale_weight`` · side criterion on each scale's unfused logits
+        (upsampled to the label size; omitted at weight 0), then the base model's method terms for
+        its runs."""
+        mask = batch["mask"]
+        losses: dict[str, Tensor] = {}
+        if self.per_scale_weight > 0:
+            crit = self.side_criterion()
+            for run in runs:
+                for inner in run.out["runs"]:
+                    logits = inner.out["logits"]
+                    losses[scale_key("pred", inner.scale)] = self.per_scale_weight * supervise(crit, logits, mask)
+        return merge_losses(losses, self.base.method_losses(inner_runs(runs), batch, step))
 
-    def predict(self, image: Any) -> Tensor:
-        """Eval-mode labels (``H×W``/``B×H×W`` int64) for a ``3×H×W``/``B×3×H×W`` uint8 or [0, 1]
-        float tensor, an ``H×W×3`` array or a PIL image: see ``segmentor.predict_labels``."""
-        return predict_labels(self, image)
+    def update_state(self, runs: Sequence[Run], batch: dict[str, Any], step: StepInfo) -> None:
+        """The base model's state updates on its runs (the batch is passed unchanged)."""
+        self.base.update_state(inner_runs(runs), batch, step)
 
 
-def _weighted_side_losses(
-    losses: dict[str, Tensor],
-    crit: nn.Module,
-    target: Tensor,
-    aux: Tensor | None,
-    aux_weight: float,
-    per_scale: dict[str, Tensor],
-    per_scale_weight: float,
-) -> dict[str, Tensor]:
-    """Add ``aux_weight·crit(aux)`` and ``per_scale_weight·crit(p_s)`` terms (skipped at weight 0)."""
-    if aux is not None and aux_weight > 0:
-        losses["aux"] = aux_weight * crit(aux, target)
-    if per_scale_weight > 0:
-        for key, logits in per_scale.items():
-            losses[key] = per_scale_weight * crit(logits, target)
-    return losses
+def _attention_to_output(attn: Tensor, run: Run, size: Sequence[int]) -> Tensor:
+    """A feature-resolution gate of one base run → that run's output grid (``size``), the way the
+    base brought its own logits there (padding and output scale from the run's ``grid``)."""
+    return run.out["grid"].to_output(attn, size)
 
 
 class HierarchicalAttention(_ScaleWrapper):
     """HMSA wrapper around a base segmentation model (Tao et al. 2020, NVIDIA ``MscaleOCR``).
 
     The attention head :class:`AttentionHead` reads the base's ``feats`` of the **lower** scale; the
-    gate is predicted at feature resolution and upsampled to that scale's input size.
+    gate is predicted at feature resolution and brought to that scale's output grid the way the base
+    brought its logits there (``grid``: padding to the stride, a DSRL base's 2× output).
 
     * Training (``self.training`` and ``scales is None``): two scales ``train_scales = (lo, 1.0)``,
       ``P = Up(a_lo·P_lo) + (1 − Up(a_lo))·P_1`` with ``a_lo·P_lo`` formed at the low resolution
       before upsampling; aux logits fused the same way.
-    * Inference: ``infer_scales`` (or ``scales=``), sorted high → low; the first sets ``P = p_s``;
-      ``s ≥ 1``: ``P = a_s·p_s + (1 − a_s)·Down(P)``; ``s < 1``: ``P = Up(a_s·p_s) + (1 − Up(a_s))·P``.
-      Output at the 1.0 resolution. Lower scales act last, i.e. have priority.
+    * Inference (eval mode, or ``scales=`` given): ``scales`` or else ``infer_scales`` (the config's
+      ``eval.scales``, default (0.5, 1.0, 2.0) like NVIDIA's model), sorted high → low; the first
+      sets ``P = p_s``; ``s ≥ 1``: ``P = a_s·p_s + (1 − a_s)·Down(P)``; ``s < 1``:
+      ``P = Up(a_s·p_s) + (1 − Up(a_s))·P``. Output at the 1.0 resolution. Lower scales act last,
+      i.e. have priority. So ``model(x)`` and ``model.predict(image)`` use the attention;
+      ``model.forward_features(x, scales=[1.0])`` is the single-scale base.
 
     ``forward_features(x, scales=None, return_scales=False)`` returns ``{"logits": B×K×H×W,
-    "aux": B×K×H×W (if the base has aux), "feats": the 1.0-scale base features}``; with
-    ``return_scales=True`` the same flat dict also holds ``"pred_<s>x"`` (unfused ``B×K×h_s×w_s``
-    logits at that scale's input size) and ``"attn_<s>x"`` (``B×1×h_s×w_s`` gates, for every scale
-    whose gate is used, i.e. all but the highest), e.g. ``"pred_0.5x"``, ``"attn_0.5x"``.
+    "aux": B×K×H×W (if the base has aux), "feats" and "grid" of the 1.0-scale run}``, plus ``runs``
+    (one :class:`~scaleseg.models.contract.Run` per scale, for the losses) in training mode or with
+    ``return_scales``; with ``return_scales=True`` the same flat dict also holds ``"pred_<s>x"``
+    (unfused ``B×K×h_s×w_s`` logits at that scale's output size) and ``"attn_<s>x"``
+    (``B×1×h_s×w_s`` gates, for every scale whose gate is used, i.e. all but the highest).
 
     Losses (:meth:`training_losses`, always the two-scale path): ``main`` (criterion on the fused
-    logits), ``aux`` (``aux_weight ×`` side criterion on the fused aux, if the base has aux), and
-    ``pred_<s>x`` (``per_scale_weight ×`` side criterion on each unfused scale, the low scale
-    upsampled to 1.0 first; omitted at weight 0). The criterion is ``criterion=`` or the base's; with an
-    :class:`RMICriterion` the side terms use its BCE part only, as in the reference recipe.
+    logits), ``aux`` (``aux_weight ×`` side criterion on the fused aux, if the base has aux),
+    ``pred_<s>x`` (``per_scale_weight ×`` side criterion on each unfused scale, upsampled to the label
+    size first; omitted at weight 0), then the base's method terms for both runs (an MCIBI base:
+    its memory terms, averaged over the two scales). The criterion is ``criterion=`` or the base's;
+    with an :class:`RMICriterion` the side terms use its BCE part only, as in the reference recipe.
+    State updates go to the base with both runs; an MCIBI base updates its memory from the 1.0 run.
     """
 
     def __init__(
@@ -254,49 +257,57 @@ class HierarchicalAttention(_ScaleWrapper):
         self.infer_scales = check_scales(infer_scales, "infer_scales")
         self.scale_attn = AttentionHead(attn_in_channels, attn_bottleneck)
 
-    def _run(self, x: Tensor, scale: float, with_attn: bool) -> dict[str, Tensor]:
-        xs, out = self._base_run(x, scale)
-        res = dict(out)
-        if with_attn:
-            res["attn"] = _feature_map_to_input(self.scale_attn(out["feats"]), xs.shape[-2:], self.stride)
-        return res
+    def attention(self, run: Run) -> Tensor:
+        """The gate of one base run on its output grid: ``B×1×h_s×w_s``."""
+        return _attention_to_output(self.scale_attn(run.out["feats"]), run, run.out["logits"].shape[-2:])
 
     def forward_features(
         self, x: Tensor, scales: Sequence[float] | None = None, return_scales: bool = False
-    ) -> dict[str, Tensor]:
+    ) -> dict[str, Any]:
         """``B×3×H×W`` → fused logits (see class docstring for keys and the scale choice)."""
         if scales is None and self.training:
             return self.two_scale_forward(x, return_scales)
         scales = self.infer_scales if scales is None else check_scales(scales, "scales")
         return self.nscale_forward(x, scales, return_scales)
 
-    def two_scale_forward(self, x: Tensor, return_scales: bool = False) -> dict[str, Tensor]:
+    def training_forward(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """HMSA's loss is always that of the two-scale training fusion (also in eval mode)."""
+        return self.two_scale_forward(batch["image"])
+
+    def two_scale_forward(self, x: Tensor, return_scales: bool = False) -> dict[str, Any]:
         """Training fusion of (lo, 1.0): ``P = Up(a_lo·P_lo) + (1 − Up(a_lo))·P_1``."""
-        lo = self._run(x, self.lo_scale, with_attn=True)
-        hi = self._run(x, 1.0, with_attn=False)
-        size = hi["logits"].shape[-2:]
-        attn, attn_up = lo["attn"], _resize(lo["attn"], size)
-        out = {"logits": _resize(attn * lo["logits"], size) + (1 - attn_up) * hi["logits"], "feats": hi["feats"]}
-        if hi.get("aux") is not None:
-            out["aux"] = _resize(attn * lo["aux"], size) + (1 - attn_up) * hi["aux"]
+        lo, hi = self._base_run(x, self.lo_scale), self._base_run(x, 1.0)
+        size = hi.out["logits"].shape[-2:]
+        attn = self.attention(lo)
+        attn_up = _resize(attn, size)
+        out: dict[str, Any] = {
+            "logits": _resize(attn * lo.out["logits"], size) + (1 - attn_up) * hi.out["logits"],
+            "feats": hi.out["feats"], "grid": hi.out["grid"], "runs": [lo, hi],
+        }
+        if hi.out.get("aux") is not None:
+            out["aux"] = _resize(attn * lo.out["aux"], size) + (1 - attn_up) * hi.out["aux"]
         if return_scales:
-            out[scale_key("pred", self.lo_scale)] = lo["logits"]
+            out[scale_key("pred", self.lo_scale)] = lo.out["logits"]
             out[scale_key("attn", self.lo_scale)] = attn
-            out[scale_key("pred", 1.0)] = hi["logits"]
+            out[scale_key("pred", 1.0)] = hi.out["logits"]
         return out
 
-    def nscale_forward(self, x: Tensor, scales: Sequence[float], return_scales: bool = False) -> dict[str, Tensor]:
+    def nscale_forward(self, x: Tensor, scales: Sequence[float], return_scales: bool = False) -> dict[str, Any]:
         """Hierarchical chain over ``scales`` (must contain 1.0), highest first; output at 1.0 size."""
         scales = sorted(check_scales(scales, "scales"), reverse=True)
+        keep_runs = return_scales or self.training
         pred: Tensor | None = None
         aux: Tensor | None = None
-        out: dict[str, Tensor] = {}
+        out: dict[str, Any] = {}
+        runs: list[Run] = []
         for s in scales:
-            res = self._run(x, s, with_attn=pred is not None)
-            p, a_s = res["logits"], res.get("attn")
-            p_aux = res.get("aux")
+            run = self._base_run(x, s)
+            p, p_aux = run.out["logits"], run.out.get("aux")
+            a_s = self.attention(run) if pred is not None else None
             if s == 1.0:
-                out["feats"] = res["feats"]
+                out["feats"], out["grid"] = run.out["feats"], run.out["grid"]
+            if keep_runs:
+                runs.append(run)
             if return_scales:
                 out[scale_key("pred", s)] = p
                 if a_s is not None:
@@ -316,12 +327,9 @@ class HierarchicalAttention(_ScaleWrapper):
         out["logits"] = pred
         if aux is not None:
             out["aux"] = aux
+        if keep_runs:
+            out["runs"] = runs[::-1]  # low → high, like the training fusion's (lo, 1.0)
         return out
-
-    def training_losses(self, batch: dict, step: StepInfo) -> dict[str, Tensor]:
-        """Two-scale training losses for ``batch["image"]`` (B×3×H×W) and ``batch["mask"]`` (B×H×W)."""
-        out = self.two_scale_forward(batch["image"], return_scales=True)
-        return self._fused_losses(out, batch["mask"], (self.lo_scale, 1.0))
 
 
 class ScalePooling(_ScaleWrapper):
@@ -344,13 +352,13 @@ class ScalePooling(_ScaleWrapper):
         self.scales = tuple(float(s) for s in values)
         self.mode = mode
 
-    def forward_features(self, x: Tensor) -> dict[str, Tensor]:
-        """``B×3×H×W`` → ``{"logits": pooled B×K×H×W, "feats", "aux"?}`` (base outputs in training)."""
+    def forward_features(self, x: Tensor) -> dict[str, Any]:
+        """``B×3×H×W`` → ``{"logits": pooled B×K×H×W, "feats", "grid", "aux"?}`` (base outputs in training)."""
         if self.training:
             return self.base.forward_features(x)
         keep = min(range(len(self.scales)), key=lambda i: abs(self.scales[i] - 1.0))
         calls: list[int] = [0]
-        kept: dict[str, Tensor] = {}
+        kept: dict[str, Any] = {}
 
         def logits_fn(xs: Tensor) -> Tensor:
             index, calls[0] = calls[0], calls[0] + 1
@@ -360,14 +368,20 @@ class ScalePooling(_ScaleWrapper):
             return kept["logits"]
 
         logits = scale_pooling(logits_fn, x, self.scales, self.mode)
-        result = {"logits": logits, "feats": kept["feats"]}
+        result = {"logits": logits, "feats": kept["feats"], "grid": kept["grid"]}
         if kept.get("aux") is not None:
             result["aux"] = kept["aux"]
         return result
 
-    def training_losses(self, batch: dict, step: StepInfo) -> dict[str, Tensor]:
+    def training_forward(self, batch: dict[str, Any]) -> dict[str, Any]:
+        return self.base.training_forward(batch)
+
+    def losses(self, out: dict[str, Any], batch: dict[str, Any], step: StepInfo) -> dict[str, Tensor]:
         """The base model's single-scale training losses."""
-        return self.base.training_losses(batch, step)
+        return self.base.losses(out, batch, step)
+
+    def update_state(self, runs: Sequence[Run], batch: dict[str, Any], step: StepInfo) -> None:
+        self.base.update_state(runs, batch, step)
 
 
 class ExplicitAttention(_ScaleWrapper):
@@ -415,26 +429,30 @@ class ExplicitAttention(_ScaleWrapper):
             ("conv1", nn.Conv2d(attn_bottleneck, n, 1, bias=False)),
         ]))
 
-    def forward_features(self, x: Tensor, return_scales: bool = False) -> dict[str, Tensor]:
+    def forward_features(self, x: Tensor, return_scales: bool = False) -> dict[str, Any]:
         """``B×3×H×W`` → softmax-over-scales fused logits ``B×K×H×W`` (see class docstring)."""
-        runs = [self._base_run(x, s)[1] for s in self.scales]
+        runs = [self._base_run(x, s) for s in self.scales]
         ref = runs[self.scales.index(1.0)]
-        feat_size, size = ref["feats"].shape[-2:], x.shape[-2:]
-        feats = torch.cat([_resize(r["feats"], feat_size) for r in runs], dim=1)
-        weights = _feature_map_to_input(torch.softmax(self.scale_attn(feats), dim=1), size, self.stride)
-        preds = [_resize(r["logits"], size) for r in runs]
-        out = {"logits": sum(weights[:, i : i + 1] * p for i, p in enumerate(preds)), "feats": ref["feats"]}
-        if ref.get("aux") is not None:
-            out["aux"] = sum(weights[:, i : i + 1] * _resize(r["aux"], size) for i, r in enumerate(runs))
+        feat_size, size = ref.out["feats"].shape[-2:], ref.out["logits"].shape[-2:]
+        feats = torch.cat([_resize(r.out["feats"], feat_size) for r in runs], dim=1)
+        weights = _attention_to_output(torch.softmax(self.scale_attn(feats), dim=1), ref, size)
+        preds = [_resize(r.out["logits"], size) for r in runs]
+        out: dict[str, Any] = {
+            "logits": sum(weights[:, i : i + 1] * p for i, p in enumerate(preds)),
+            "feats": ref.out["feats"], "grid": ref.out["grid"],
+        }
+        if ref.out.get("aux") is not None:
+            out["aux"] = sum(weights[:, i : i + 1] * _resize(r.out["aux"], size) for i, r in enumerate(runs))
+        if return_scales or self.training:
+            out["runs"] = runs
         if return_scales:
             out["weights"] = weights
-            out.update({scale_key("pred", s): r["logits"] for s, r in zip(self.scales, runs)})
+            out.update({scale_key("pred", s): r.out["logits"] for s, r in zip(self.scales, runs)})
         return out
 
-    def training_losses(self, batch: dict, step: StepInfo) -> dict[str, Tensor]:
-        """All-scale training losses for ``batch["image"]`` and ``batch["mask"]``."""
-        out = self.forward_features(batch["image"], return_scales=True)
-        return self._fused_losses(out, batch["mask"], self.scales)
+    def training_forward(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """All scales, with the runs kept for the per-scale terms (also in eval mode)."""
+        return self.forward_features(batch["image"], return_scales=True)
 
 
 def deeplabv3plus_os8(

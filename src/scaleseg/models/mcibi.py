@@ -32,6 +32,7 @@ Deliberate differences from the reference code (``SegmentationBLWX/sssegmentatio
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
@@ -45,6 +46,7 @@ from ..types import StepInfo
 from .backbone import Backbone
 from .heads import ASPP, PPM, AuxFCNHead, ConvBNReLU, DeepLabV3PlusHead, aspp_dilations
 from .ocr import SpatialGather, SpatialOCR
+from .contract import Grid, Run, supervise
 from .segmentor import SegmentationModel
 
 InitMode = Literal["mean", "random_pixel"]
@@ -581,18 +583,35 @@ _FORWARD_EXTRAS = ("memory_logits", "ocr_aux", "stride8_logits")
 class MCIBIModel(SegmentationModel):
     """Backbone + :class:`MCIBIHead` (+ aux FCN head) with the MCIBI losses and memory update.
 
-    ``forward_features(x)`` → ``logits``, ``aux`` (with an aux head), ``feats``, ``memory_logits``
-    (H1 logits, i.e. the W of the aggregation, before softmax), plus ``ocr_aux`` (OCR host) or
-    ``stride8_logits`` (DeepLabV3+ host); all logits ``B×K×H×W`` at the input resolution.
+    ``forward_features(x)`` → the :class:`~scaleseg.models.segmentor.SegmentationModel` outputs
+    (``logits``, ``aux`` with an aux head, ``feats``, ``head_logits``, ``grid``) plus
+    ``memory_logits`` (H1 logits, i.e. the W of the aggregation, before softmax), ``ocr_aux`` (OCR
+    host) or ``stride8_logits`` (DeepLabV3+ host), all on the output grid, and the internals the
+    losses and the update need: ``R`` (``B×C×h×w``), ``memory`` (the ``K×C`` snapshot the forward
+    used) and ``initialized`` (its K flags).
 
-    ``training_losses(batch, step)`` → already weighted terms:
-    ``ce`` (1.0·CE(logits)), ``memory_ce`` (α·CE(memory_logits), α = ``memory_loss_weight``),
-    ``aux`` (``aux_weight``·CE(aux)), ``ocr_aux`` / ``stride8_ce`` (host-specific, ``aux_weight`` /
-    ``stride8_weight``), ``consistency`` (β·CE(H2(M_k), k) over initialised classes k; zero before
-    ``consistency_start_epoch`` (0-based; default 1 = off during the first epoch, like the
-    reference's ``epoch > 1``) or ``consistency_start_step``). Then, in training mode, the memory
-    is updated from this forward's R and the mask (padded with ignore like the image), with the
-    momentum of ``step``. The forward and the consistency loss use the pre-update snapshot.
+    Loss terms, already weighted (sum = the MCIBI objective):
+
+    * supervision (:meth:`supervision_losses`, as every segmentation model): ``ce`` (criterion on
+      ``logits``), ``aux`` (``aux_weight`` · side criterion on ``aux``);
+    * method (:meth:`method_losses`, also what a wrapper gets for each run it made of this model):
+      ``memory_ce`` (α·CE(memory_logits), α = ``memory_loss_weight``), ``ocr_aux`` / ``stride8_ce``
+      (host-specific, ``aux_weight`` / ``stride8_weight``), ``consistency`` (β·CE(H2(M_k), k) over
+      initialised classes k; zero before ``consistency_start_epoch`` (0-based; default 1 = off during
+      the first epoch, like the reference's ``epoch > 1``) or ``consistency_start_step``). With
+      several runs (HMSA: one per scale) each per-run term is the mean over the runs, so the method's
+      weight does not grow with the number of scales; the consistency term depends only on the
+      memory snapshot, which every run of one step shares.
+
+    Side terms use the side criterion (the BCE part only under RMI), as aux logits do everywhere.
+
+    State (:meth:`update_state`, training only, after the losses): one EMA step of the memory from
+    the ``R`` of the run at scale 1.0 and the batch mask (padded with ignore like the image, at the
+    output grid; a DSRL wrapper's high-resolution mask is mapped onto the feature grid by
+    :class:`FeatureMemory`). Inside HMSA the low-scale runs do **not** update the memory: their
+    feature cells cover 1/scale × as many label pixels, so more cells mix classes at boundaries, and a
+    second EMA step per optimiser step would change the momentum schedule the MCIBI hyper-parameters
+    were set for. The forward and the consistency loss use the pre-update snapshot.
     """
 
     head: MCIBIHead
@@ -618,6 +637,7 @@ class MCIBIModel(SegmentationModel):
         memory_init: InitMode = "mean",
         full_resolution: bool = False,
         dropout: float = 0.1,
+        input_fit: str = "pad",
     ) -> None:
         criterion = criterion if criterion is not None else CrossEntropyLoss()
         memory = FeatureMemory(
@@ -644,7 +664,8 @@ class MCIBIModel(SegmentationModel):
             aux = AuxFCNHead(backbone.channels[-2], num_classes, channels)
         else:
             aux = aux_head or None
-        super().__init__(backbone, head, num_classes, criterion=criterion, aux_head=aux, aux_weight=aux_weight)
+        super().__init__(backbone, head, num_classes, criterion=criterion, aux_head=aux, aux_weight=aux_weight,
+                         input_fit=input_fit)
         self.memory_loss_weight = memory_loss_weight
         self.consistency_weight = consistency_weight
         self.consistency_start_epoch = consistency_start_epoch
@@ -656,45 +677,47 @@ class MCIBIModel(SegmentationModel):
         """The model's :class:`FeatureMemory` (``head.memory_context.memory``)."""
         return self.head.memory_context.memory
 
-    def forward_features(self, x: Tensor) -> dict[str, Tensor]:
-        """``B×3×H×W`` → ``logits``, ``aux``, ``feats``, ``memory_logits`` (+ host extras)."""
-        return self._compute(x, with_extras=True)[0]
-
-    def _run(self, x: Tensor, *, with_aux: bool) -> dict[str, Tensor]:
-        return self._compute(x, with_extras=with_aux)[0]
-
-    def _compute(self, x: Tensor, *, with_extras: bool) -> tuple[dict[str, Tensor], dict[str, Any]]:
-        """(public outputs at input resolution, internal ``R``/``memory``/``initialized``)."""
-        features, out, to_input = self.run_head(x)
-        public = {"logits": to_input(out["logits"]), "feats": out["feats"]}
-        if with_extras:
+    def _outputs(
+        self,
+        x: Tensor,
+        *,
+        scale: int = 1,
+        size: tuple[int, int] | None = None,
+        with_aux: bool,
+        with_logits: bool = True,
+    ) -> dict[str, Any]:
+        features, out, grid = self.run_head(x, scale)
+        result: dict[str, Any] = {"feats": out["feats"], "head_logits": out["logits"], "grid": grid}
+        if with_logits:
+            result["logits"] = grid.to_output(out["logits"], size)
+        if with_aux:
             for key in _FORWARD_EXTRAS:
                 if key in out:
-                    public[key] = to_input(out[key])
+                    result[key] = grid.to_output(out[key], size)
             if self.aux_head is not None:
-                public["aux"] = to_input(self.aux_head(features[self.aux_index]))
-        size = tuple(-(-d // self.stride) * self.stride for d in x.shape[-2:])  # the padded input's size
-        internal = {"R": out["R"], "memory": out["memory"], "initialized": out["initialized"], "padded_size": size}
-        return public, internal
+                result["aux"] = grid.to_output(self.aux_head(features[self.aux_index]), size)
+            result.update({"R": out["R"], "memory": out["memory"], "initialized": out["initialized"]})
+        return result
 
-    def training_losses(self, batch: dict[str, Any], step: StepInfo) -> dict[str, Tensor]:
-        """Weighted loss terms (see the class docstring); updates the memory in training mode."""
-        public, internal = self._compute(batch["image"], with_extras=True)
+    def method_losses(self, runs: Sequence[Run], batch: dict[str, Any], step: StepInfo) -> dict[str, Tensor]:
+        """``memory_ce``, ``ocr_aux`` / ``stride8_ce`` (each the mean over ``runs``) and ``consistency``."""
         mask = batch["mask"]
-        losses = {
-            "ce": self.criterion(public["logits"], mask),
-            "memory_ce": self.memory_loss_weight * self.criterion(public["memory_logits"], mask),
-        }
-        if "aux" in public:
-            losses["aux"] = self.aux_weight * self.criterion(public["aux"], mask)
-        if "ocr_aux" in public:
-            losses["ocr_aux"] = self.aux_weight * self.criterion(public["ocr_aux"], mask)
-        if "stride8_logits" in public:
-            losses["stride8_ce"] = self.stride8_weight * self.criterion(public["stride8_logits"], mask)
-        losses["consistency"] = self.consistency_loss(internal["memory"], internal["initialized"], step)
-        if self.training:
-            self.update_memory(internal["R"], mask, internal["padded_size"], step)
+        weights = {"memory_logits": ("memory_ce", self.memory_loss_weight), "ocr_aux": ("ocr_aux", self.aux_weight),
+                   "stride8_logits": ("stride8_ce", self.stride8_weight)}
+        losses: dict[str, Tensor] = {}
+        for key, (name, weight) in weights.items():
+            terms = [supervise(self.aux_criterion, run.out[key], mask) for run in runs if key in run.out]
+            if terms:
+                losses[name] = weight * torch.stack(terms).mean()
+        first = runs[0].out
+        losses["consistency"] = self.consistency_loss(first["memory"], first["initialized"], step)
         return losses
+
+    def update_state(self, runs: Sequence[Run], batch: dict[str, Any], step: StepInfo) -> None:
+        """Update the memory from the run at scale 1.0 (see the class docstring)."""
+        for run in runs:
+            if run.scale == 1.0:
+                self.update_memory(run.out["R"], batch["mask"], run.out["grid"], step)
 
     def consistency_active(self, step: StepInfo) -> bool:
         """Whether the representation-consistent loss is on at ``step``."""
@@ -714,14 +737,12 @@ class MCIBIModel(SegmentationModel):
         return self.consistency_weight * F.cross_entropy(logits.float(), classes)
 
     @torch.no_grad()
-    def update_memory(self, rep: Tensor, mask: Tensor, padded_size: tuple[int, ...], step: StepInfo) -> None:
-        """Memory update from ``rep`` (R, ``B×C×h×w`` of the padded input) and ``mask`` ``B×H×W``,
-        padded with the ignore index to ``padded_size`` so that label and feature grids align."""
+    def update_memory(self, rep: Tensor, mask: Tensor, grid: Grid, step: StepInfo) -> None:
+        """Memory update from ``rep`` (R, ``B×C×h×w`` of the padded input) and ``mask`` ``B×H×W`` on
+        the output grid, padded with the ignore index to the padded output size so that label and
+        feature grids align."""
         memory = self.feature_memory
-        pad_h, pad_w = padded_size[0] - mask.shape[-2], padded_size[1] - mask.shape[-1]
-        if pad_h or pad_w:
-            mask = F.pad(mask, (0, pad_w, 0, pad_h), value=memory.ignore_index)
-        memory.update(rep.detach(), mask, step)
+        memory.update(rep.detach(), grid.pad_mask(mask, memory.ignore_index), step)
 
 
 def mcibi(

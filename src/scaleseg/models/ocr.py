@@ -140,9 +140,10 @@ def hrnet_ocr(
     aux_weight: float = 0.4,
     mid_channels: int = 512,
     key_channels: int = 256,
+    input_fit: str = "pad",
 ) -> SegmentationModel:
     """HRNetV2 + OCR segmentation model (HMSA's trunk; wrap it in ``HierarchicalAttention(model,
     mid_channels)`` for ``HRNet_Mscale``). The OCR head's own aux logits are weighted ``aux_weight``."""
     trunk = HRNetV2(backbone, pretrained=pretrained, pretrained_file=pretrained_file)
     head = OCRHead(trunk.channels, num_classes, mid_channels=mid_channels, key_channels=key_channels)
-    return SegmentationModel(trunk, head, num_classes, criterion=criterion, aux_weight=aux_weight)
+    return SegmentationModel(trunk, head, num_classes, criterion=criterion, aux_weight=aux_weight, input_fit=input_fit)

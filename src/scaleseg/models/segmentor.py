@@ -1,7 +1,6 @@
 """SegmentationModel: backbone + head (+ auxiliary head) + criterion."""
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -9,15 +8,25 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from scaleseg.errors import DataError
+from scaleseg.errors import ConfigError, DataError
 from scaleseg.losses.ce import CrossEntropyLoss
 from scaleseg.models.backbone import Backbone
+from scaleseg.models.contract import ContractModel, Grid, padded_size, supervise
 from scaleseg.types import StepInfo
 
-__all__ = ["SegmentationModel", "image_to_tensor", "predict_labels"]
+__all__ = ["INPUT_FITS", "SegmentationModel", "image_to_tensor", "predict_labels", "side_criterion"]
+
+INPUT_FITS = ("pad", "stretch")
 
 
-class SegmentationModel(nn.Module):
+def side_criterion(criterion: nn.Module) -> nn.Module:
+    """The criterion of side terms (aux heads, OCR regions, per-scale and MCIBI side logits): the BCE
+    part only when the main criterion is RMI (``bce_only()``, NVIDIA's recipe), else ``criterion``."""
+    bce_only = getattr(criterion, "bce_only", None)
+    return bce_only() if bce_only is not None else criterion
+
+
+class SegmentationModel(ContractModel):
     """Plain segmentation network following the model contract of ``docs/architecture.md``.
 
     Args:
@@ -28,8 +37,14 @@ class SegmentationModel(nn.Module):
         aux_head: optional module ``features[aux_index] → B×K×h×w`` logits (``AuxFCNHead``).
         aux_weight: weight of the auxiliary loss term.
         aux_index: backbone level fed to ``aux_head`` (default the second-to-last).
+        input_fit: how an input that is not a multiple of ``stride`` is handled. ``"pad"`` (default):
+            zero-pad bottom/right, upsample maps to the padded size and crop, so every output pixel
+            sits where the input pixel is. ``"stretch"`` (NVIDIA's HMSA code): run the unpadded input
+            and stretch the ceil(h/s)-sized maps over the h input pixels, which shifts them by up to
+            (s − 1)/2 px; use it to reproduce NVIDIA's inference.
 
-    Attributes: ``num_classes``, ``mean``, ``std``, ``stride`` (inputs are padded to a multiple of it).
+    Attributes: ``num_classes``, ``mean``, ``std``, ``stride`` (inputs are padded to a multiple of
+    it), ``feat_channels`` (channels of ``feats``), ``output_scale`` = 1.
     """
 
     def __init__(
@@ -42,76 +57,104 @@ class SegmentationModel(nn.Module):
         aux_head: nn.Module | None = None,
         aux_weight: float = 0.4,
         aux_index: int = -2,
+        input_fit: str = "pad",
     ) -> None:
         super().__init__()
+        if input_fit not in INPUT_FITS:
+            raise ConfigError(f"input_fit={input_fit!r}: expected one of {', '.join(INPUT_FITS)}")
         self.backbone = backbone
         self.head = head
         self.aux_head = aux_head
         self.criterion = criterion if criterion is not None else CrossEntropyLoss()
-        # the reference supervises aux logits with the BCE part only when the main loss is RMI
-        bce_only = getattr(self.criterion, "bce_only", None)
-        self.aux_criterion = bce_only() if bce_only is not None else self.criterion
+        self.aux_criterion = side_criterion(self.criterion)
         self.num_classes = num_classes
         self.aux_weight = aux_weight
         self.aux_index = aux_index
+        self.input_fit = input_fit
         self.mean: tuple[float, ...] = tuple(backbone.mean)
         self.std: tuple[float, ...] = tuple(backbone.std)
         self.stride: int = max(backbone.strides)
 
-    def forward_features(self, x: Tensor) -> dict[str, Tensor]:
-        """``B×3×H×W`` normalised image, any H, W → dict with
+    @property
+    def feat_channels(self) -> int:
+        """Channels of ``forward_features(x)["feats"]`` (what an attention head reads)."""
+        return int(self.head.feat_channels)
 
-        ``logits`` ``B×K×H×W`` (input resolution), ``aux`` ``B×K×H×W`` (if the model has an aux
-        head) and ``feats`` ``B×C×h×w`` (head resolution of the input padded to ``stride``).
+    def grid(self, x: Tensor, scale: int = 1) -> Grid:
+        """The :class:`Grid` of an input ``x``: padded to the stride (``input_fit="pad"``) or not."""
+        size = (int(x.shape[-2]), int(x.shape[-1]))
+        padded = padded_size(size, self.stride) if self.input_fit == "pad" else size
+        return Grid(size, padded, scale)
+
+    def forward_features(
+        self,
+        x: Tensor,
+        *,
+        scale: int = 1,
+        size: tuple[int, int] | None = None,
+        with_aux: bool = True,
+        with_logits: bool = True,
+    ) -> dict[str, Any]:
+        """``B×3×H×W`` normalised image, any H, W → output dict with
+
+        ``logits`` ``B×K×sH×sW`` and ``aux`` (if the model has an aux head) on the output grid
+        (``s = scale``, cropped to ``size`` when given; a DSRL wrapper asks for its label grid),
+        ``feats`` ``B×C×h×w`` and ``head_logits`` ``B×K×h×w`` at head resolution of the padded
+        input, and ``grid`` (:class:`Grid`). ``with_logits=False`` skips upsampling the logits.
         """
-        return self._run(x, with_aux=True)
+        return self._outputs(x, scale=scale, size=size, with_aux=with_aux, with_logits=with_logits)
 
     def forward(self, x: Tensor) -> Tensor:
         """``B×3×H×W`` normalised image → ``B×K×H×W`` logits (the aux head is skipped)."""
-        return self._run(x, with_aux=False)["logits"]
+        return self._outputs(x, with_aux=False)["logits"]
 
-    def training_losses(self, batch: dict[str, Any], step: StepInfo) -> dict[str, Tensor]:
-        """``{"ce": criterion(logits, mask), "aux": aux_weight · criterion(aux, mask)}``.
+    def supervision_losses(self, out: dict[str, Any], batch: dict[str, Any], step: StepInfo) -> dict[str, Tensor]:
+        """``{"ce": criterion(logits, mask), "aux": aux_weight · aux_criterion(aux, mask)}``.
 
-        ``batch["image"]`` is ``B×3×H×W``, ``batch["mask"]`` ``B×H×W`` int64 (255 = ignore).
-        ``"aux"`` is present only with an aux head. ``step`` is unused by the plain model.
+        ``batch["mask"]`` is ``B×H×W`` int64 (255 = ignore); logits of another size are upsampled to
+        it. ``"aux"`` is present only with an aux head. The aux criterion is the BCE part only when
+        the main loss is RMI (the reference recipe), else the main criterion.
         """
-        out = self.forward_features(batch["image"])
         mask = batch["mask"]
-        losses = {"ce": self.criterion(out["logits"], mask)}
+        losses = {"ce": supervise(self.criterion, out["logits"], mask)}
         if "aux" in out:
-            losses["aux"] = self.aux_weight * self.aux_criterion(out["aux"], mask)
+            losses["aux"] = self.aux_weight * supervise(self.aux_criterion, out["aux"], mask)
         return losses
 
-    def predict(self, image: Any) -> Tensor:
-        """Label map(s) for raw image(s), in eval mode: see ``predict_labels``."""
-        return predict_labels(self, image)
-
-    def run_head(self, x: Tensor) -> tuple[list[Tensor], dict[str, Tensor], Callable[[Tensor], Tensor]]:
-        """Pad ``x`` to the stride, run backbone and head → (features, head outputs, ``to_input``),
-        where ``to_input`` upsamples a head-resolution map to the padded size and crops to ``x``'s."""
-        height, width = x.shape[-2:]
-        padded = pad_to_multiple(x, self.stride)
+    def run_head(self, x: Tensor, scale: int = 1) -> tuple[list[Tensor], dict[str, Tensor], Grid]:
+        """Pad ``x`` to its grid, run backbone and head → (features, head outputs, grid)."""
+        grid = self.grid(x, scale)
+        padded = pad_to_size(x, grid.padded_size)
         features = self.backbone(padded)
-        size = padded.shape[-2:]
-        return features, self.head(features), lambda t: upsample_crop(t, size, height, width)
+        return features, self.head(features), grid
 
-    def _run(self, x: Tensor, *, with_aux: bool) -> dict[str, Tensor]:
-        features, out, to_input = self.run_head(x)
-        result = {"logits": to_input(out["logits"]), "feats": out["feats"]}
+    def _outputs(
+        self,
+        x: Tensor,
+        *,
+        scale: int = 1,
+        size: tuple[int, int] | None = None,
+        with_aux: bool,
+        with_logits: bool = True,
+    ) -> dict[str, Any]:
+        features, out, grid = self.run_head(x, scale)
+        result: dict[str, Any] = {"feats": out["feats"], "head_logits": out["logits"], "grid": grid}
+        if with_logits:
+            result["logits"] = grid.to_output(out["logits"], size)
         if with_aux and "aux" in out:  # heads with their own aux logits (OCR's soft object regions)
-            result["aux"] = to_input(out["aux"])
+            result["aux"] = grid.to_output(out["aux"], size)
         elif with_aux and self.aux_head is not None:
-            result["aux"] = to_input(self.aux_head(features[self.aux_index]))
+            result["aux"] = grid.to_output(self.aux_head(features[self.aux_index]), size)
         return result
 
 
-def predict_labels(model: nn.Module, image: Any) -> Tensor:
+def predict_labels(model: nn.Module, image: Any, **kwargs: Any) -> Tensor:
     """Eval-mode argmax labels of any contract model (``forward`` → logits, ``mean``/``std``).
 
     ``image``: ``3×H×W`` / ``B×3×H×W`` uint8 (0–255) or float (0–1) tensor, a PIL image, or an
     ``H×W×3`` numpy array. Returns ``H×W`` / ``B×H×W`` int64 labels on the model's device.
-    Runs under ``torch.inference_mode()``; the training mode is restored afterwards.
+    Runs under ``torch.inference_mode()``; the training mode is restored afterwards. ``kwargs`` go to
+    ``model.forward_features`` (e.g. ``scales=[1.0]`` for a hierarchical model).
     """
     device = next(model.parameters()).device
     x = image_to_tensor(image).to(device)
@@ -125,7 +168,8 @@ def predict_labels(model: nn.Module, image: Any) -> Tensor:
     model.eval()
     try:
         with torch.inference_mode():
-            labels = model(x).argmax(dim=1)
+            logits = model.forward_features(x, **kwargs)["logits"] if kwargs else model(x)
+            labels = logits.argmax(dim=1)
     finally:
         model.train(was_training)
     return labels[0] if single else labels
@@ -164,17 +208,9 @@ def image_to_tensor(image: Any) -> Tensor:
     return image
 
 
-def pad_to_multiple(x: Tensor, stride: int) -> Tensor:
-    """Zero-pad ``B×C×H×W`` on the right/bottom so H and W are multiples of ``stride``."""
-    pad_h = -x.shape[-2] % stride
-    pad_w = -x.shape[-1] % stride
+def pad_to_size(x: Tensor, size: tuple[int, int]) -> Tensor:
+    """Zero-pad ``B×C×H×W`` on the right/bottom to ``size`` (no-op when equal)."""
+    pad_h, pad_w = size[0] - x.shape[-2], size[1] - x.shape[-1]
     if pad_h == 0 and pad_w == 0:
         return x
     return F.pad(x, (0, pad_w, 0, pad_h))
-
-
-def upsample_crop(logits: Tensor, size: torch.Size, height: int, width: int) -> Tensor:
-    """Bilinear (``align_corners=False``) upsample to the padded ``size``, crop to ``height×width``."""
-    if logits.shape[-2:] != size:
-        logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
-    return logits[..., :height, :width]
