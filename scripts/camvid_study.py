@@ -271,7 +271,8 @@ def main() -> None:
         unknown = [n for n in names if n not in {a.name for a in ARMS}]
         if unknown:
             parser.error(f"unknown arm(s) {', '.join(unknown)}; arms: {', '.join(a.name for a in ARMS)}")
-        arms = [a for a in ARMS if a.name in names]
+        by_name = {a.name: a for a in ARMS}
+        arms = [by_name[n] for n in names]  # in the order given
     if args.list:
         for a in arms:
             print(f"{a.name:14s} {'done' if (RESULTS / f'{a.name}.json').exists() else '-':5s} {a.label}")
