@@ -35,16 +35,18 @@ THIN = ("pole", "signsymbol", "pedestrian", "bicyclist")
 TRAIN_SUBSET = 101  # train images scored for the val/train gap (evenly spaced, as many as val has)
 
 STRONG = "configs/camvid/deeplabv3plus_r18_strong_cpu.yaml"
+STRONG_HR = "configs/camvid/deeplabv3plus_r18_strong_cpu_hr.yaml"
 HOST = "configs/camvid/deeplabv3plus_r18_study_host.yaml"
 ESP = "configs/camvid/espnetv2_city_finetune.yaml"
 ESP_DSRL = "configs/camvid/espnetv2_city_dsrl.yaml"
 ALL = "configs/camvid/deeplabv3plus_r18_all_cpu.yaml"
 
-# the host at 180×240 input: the same image content as the DSRL arm's input (crops of half the size
-# from images at half the scale), scored at 360×480 by bilinearly upsampling its logits
-LOWRES = ["data.crop_size=[176,240]", "data.scale_range=[0.25,0.625]", "eval.infer_scale=0.5"]
-# DSRL: 352×480 high-resolution crops, the network sees them ×0.5 (176×240), outputs 352×480
-DSRL = ["model.dsrl.enabled=true", "model.dsrl.lr_scale=0.5", "data.crop_size=[352,480]", "eval.infer_scale=null"]
+# The host sees 176×240 crops of images ×0.4–0.75 and is scored on the image ×0.5 with its logits
+# bilinearly upsampled to 360×480: exactly the DSRL baseline. DSRL takes 352×480 high-resolution crops
+# of images ×0.8–1.5 (labels at that size), the network sees them ×0.5 (the host's input) and outputs
+# 352×480; at evaluation it sees the image ×0.5 and outputs 360×480.
+DSRL = ["model.dsrl.enabled=true", "model.dsrl.lr_scale=0.5", "data.crop_size=[352,480]",
+        "data.scale_range=[0.8,1.5]", "eval.infer_scale=null"]
 HIER = ["--scales", "0.5,1.0,2.0"]
 # HMSA trained on (0.5, 1.0); "val" of its arm is single-scale (eval.scales=[1.0]), the variants chain
 # or pool (0.5, 1, 2)
@@ -64,15 +66,18 @@ class Arm:
 
 
 ARMS: list[Arm] = [
-    Arm("strong", "strong", "strong recipe", STRONG, variants={"flip": ([], ["--flip"])}),
+    Arm("strong", "strong", "phase 1: 40 epochs at ×0.5", STRONG),
+    Arm("strong_hr", "strong", "phase 2: + 5 epochs at ×0.75", STRONG_HR,
+        ["train.init_weights={runs}/strong/model.safetensors"],
+        variants={"flip": ([], ["--flip"]), "x1.0": (["eval.infer_scale=1.0"], [])}, needs="{runs}/strong/model.safetensors"),
     # ---- methods against their host, DeepLabV3+ R-18 from scratch, one common schedule
-    Arm("host_s0", "methods", "host, seed 0", HOST, variants={"avg_0.5_1_2": ([], HIER)}),
+    Arm("host_s0", "methods", "host, seed 0 (= 180×240 input, logits ×2 bilinear)", HOST,
+        variants={"avg_0.5_1_2": ([], HIER)}),
     Arm("host_s1", "methods", "host, seed 1", HOST, ["seed=1"]),
     Arm("hmsa", "methods", "HMSA trained on (0.5, 1.0)", HOST, [*HMSA, "eval.scales=[1.0]"],
         variants={"avg_0.5_1_2": (["eval.scale_mode=avg"], HIER), "hier_0.5_1_2": ([], HIER)}),
     Arm("mcibi", "methods", "MCIBI (memory 128-d)", HOST, ["model.mcibi.enabled=true", "model.mcibi.channels=128"]),
     Arm("wide", "methods", "host widened to MCIBI's params/FLOPs", HOST, ["model.head_channels=176"]),
-    Arm("host_lr", "methods", "host at 180×240, logits ×2 bilinear", HOST, LOWRES),
     Arm("dsrl", "methods", "DSRL (SSSR+SISR+FA) 180×240 → 360×480", HOST, DSRL),
     Arm("all", "methods", "HMSA ∘ DSRL ∘ MCIBI composed", HOST,
         [*HMSA, "eval.scales=[1.0]", "model.mcibi.enabled=true", "model.mcibi.channels=128", *DSRL],
@@ -137,8 +142,11 @@ def evaluate(arm: Arm, run_dir: Path, label: str, overrides: list[str], flags: l
 def run_arm(arm: Arm, runs: Path, commit: bool) -> None:
     target = RESULTS / f"{arm.name}.json"
     if target.exists():
-        print(f"[{arm.name}] done ({target.relative_to(REPO)}), skipped")
+        print(f"[{arm.name}] done ({target}), skipped")
         return
+    arm.overrides = [o.replace("{runs}", str(runs)) for o in arm.overrides]
+    if arm.needs:
+        arm.needs = arm.needs.replace("{runs}", str(runs))
     if arm.needs and not (REPO / arm.needs).exists():
         print(f"[{arm.name}] needs {arm.needs}, which does not exist yet; skipped")
         return

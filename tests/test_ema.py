@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from scaleseg.config import load_config
-from scaleseg.engine.ema import CHECKPOINT_KEY, EMAWeights, check_no_ema
+from scaleseg.engine.ema import CHECKPOINT_KEY, EMAWeights, check_no_ema, warmup_decay
 from scaleseg.errors import CheckpointError, ConfigError
 
 from test_train_integration import TINY, _config, final_state, scaleseg
@@ -32,7 +32,7 @@ def _set(model: nn.Module, value: float) -> None:
 
 
 def test_ema_update_swap_checkpoint_and_restore_by_hand():
-    d = 0.75
+    d = 0.95  # the warm-up caps the first updates' decay at (1 + n) / (10 + n): 0.1, 2/11, ...
     model = _net()
     pl = SimpleNamespace(model=model)
     cb = EMAWeights(d)
@@ -41,7 +41,9 @@ def test_ema_update_swap_checkpoint_and_restore_by_hand():
     cb.on_train_batch_end(None, pl, None, None, 0)  # first update copies the weights
     _set(model, 6.0)
     cb.on_train_batch_end(None, pl, None, None, 1)
-    ema = d * 2.0 + (1 - d) * 6.0  # 3.0
+    d1 = warmup_decay(d, 1)
+    assert d1 == pytest.approx(2 / 11)
+    ema = d1 * 2.0 + (1 - d1) * 6.0
     assert torch.allclose(cb.ema.module[0].weight, torch.full_like(model[0].weight, ema))
     assert torch.allclose(cb.ema.module[1].running_mean, torch.full((2,), ema))  # buffers averaged too
 
@@ -69,7 +71,9 @@ def test_ema_update_swap_checkpoint_and_restore_by_hand():
     assert int(cb2.ema.n_averaged) == 2
     _set(model2, 10.0)
     cb2.on_train_batch_end(None, pl2, None, None, 2)
-    assert torch.allclose(cb2.ema.module[0].weight, torch.full_like(model2[0].weight, d * ema + (1 - d) * 10.0))
+    d2 = warmup_decay(d, 2)  # 3/12: the count survived the resume
+    assert torch.allclose(cb2.ema.module[0].weight, torch.full_like(model2[0].weight, d2 * ema + (1 - d2) * 10.0))
+    assert warmup_decay(d, 10_000) == d
     cb2.on_fit_end(None, pl2)  # the final model (model.safetensors) holds the EMA
     assert torch.allclose(model2[0].weight, cb2.ema.module[0].weight)
 
@@ -122,3 +126,18 @@ def test_ema_run_resumes_exactly_and_exports_the_ema_weights(tmp_path):
     assert proc.returncode != 0 and "holds EMA weights" in proc.stderr
 
 
+
+
+def test_init_weights_starts_training_from_a_file(tmp_path):
+    first = tmp_path / "first"
+    scaleseg("train", *_config(tmp_path), *TINY, "train.epochs=1", f"output_dir={first}", "--quiet")
+    second = tmp_path / "second"
+    # lr 0: the parameters stay exactly what train.init_weights loaded (BN statistics still move)
+    scaleseg("train", *_config(tmp_path), *TINY, "train.epochs=1", "optim.lr=0", f"output_dir={second}",
+             f"train.init_weights={first / 'model.safetensors'}", "--quiet")
+    w1, w2 = final_state(first)[1], final_state(second)[1]
+    params = [k for k in w1 if k.endswith("weight") and "bn" not in k and w1[k].ndim == 4]
+    assert params and all(torch.equal(w1[k], w2[k]) for k in params)
+    proc = scaleseg("train", *_config(tmp_path), *TINY, f"output_dir={tmp_path / 'third'}",
+                    f"train.init_weights={tmp_path / 'missing.safetensors'}", "--quiet", check=False)
+    assert proc.returncode != 0 and "missing.safetensors" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1

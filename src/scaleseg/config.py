@@ -165,6 +165,9 @@ class TrainConfig:
     # EMA of the weights (and BN buffers), updated after every optimiser step; validation, the
     # checkpoints' state_dict and model.safetensors hold the EMA weights (engine/ema.py)
     ema_decay: float | None = None
+    # start from these weights (.safetensors or a scaleseg .ckpt of the same model), e.g. the second,
+    # high-resolution phase of a recipe; a resume (--resume) restores its own checkpoint instead
+    init_weights: str | None = None
     # inference scales of the validation during training (None: eval.scales, i.e. what eval uses)
     val_scales: list[float] | None = None
 

@@ -13,7 +13,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from ..config import Config, to_yaml
 from ..errors import CheckpointError
 from ..models.factory import create_model
-from .checkpoint import AtomicCheckpointIO, save_weights
+from .checkpoint import AtomicCheckpointIO, load_model_weights, save_weights
 from .datamodule import SegDataModule
 from .ema import EMAWeights
 from .task import SegTask
@@ -106,6 +106,8 @@ def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     dm = SegDataModule(cfg)
     model = create_model(cfg, dm.spec.num_classes)
+    if cfg.train.init_weights is not None and resume_path is None:
+        load_model_weights(model, cfg.train.init_weights)
     dm.set_normalization(model.mean, model.std)
     task = SegTask(model, cfg, list(dm.spec.classes), scales=cfg.train.val_scales)
     trainer = build_trainer(cfg, ckpt_dir)
