@@ -207,6 +207,34 @@ def test_inferencer_composes_slide_flip_and_scales():
     assert Inferencer(mode="slide", crop_size=8).crop_size == (8, 8)
 
 
+def test_input_scale_resizes_only_the_image_and_returns_logits_at_its_size():
+    model = conv_net(layers=2)
+    x = torch.randn(2, 3, 36, 48)
+    seen: list[tuple[int, ...]] = []
+
+    def spy(t: torch.Tensor) -> torch.Tensor:
+        seen.append(tuple(t.shape))
+        return model(t)
+
+    out = Inferencer(input_scale=0.5)(spy, x)
+    assert seen == [(2, 3, 18, 24)] and out.shape == (2, 4, 36, 48)
+    # hand-built: antialiased bilinear shrink of the image, model, bilinear enlargement of the logits
+    small = F.interpolate(x, size=(18, 24), mode="bilinear", align_corners=False, antialias=True)
+    expected = F.interpolate(model(small), size=(36, 48), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    # composes with flip and scale pooling, which then run on the shrunk image
+    composed = Inferencer(input_scale=0.5, flip=True, scales=[1.0, 2.0])(model, x)
+    inner = scale_pooling(lambda t: flip(model, t), small, [1.0, 2.0], "avg")
+    torch.testing.assert_close(composed, F.interpolate(inner, size=(36, 48), mode="bilinear", align_corners=False),
+                               rtol=0, atol=0)
+    # scale 1 is the identity; enlarging does not antialias
+    torch.testing.assert_close(Inferencer(input_scale=1.0)(model, x), model(x), rtol=0, atol=0)
+    big = F.interpolate(x, size=(54, 72), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(Inferencer(input_scale=1.5)(model, x),
+                               F.interpolate(model(big), size=(36, 48), mode="bilinear", align_corners=False),
+                               rtol=0, atol=0)
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
@@ -220,8 +248,69 @@ def test_inferencer_composes_slide_flip_and_scales():
         (dict(scales=[1.0], scale_mode="median"), "scale_mode='median'"),
         (dict(scale_mode="sum"), "scale_mode='sum'"),
         (dict(mode="slide", crop_size=8, batch_size=0), "batch_size"),
+        (dict(input_scale=0.0), "input_scale"),
+        (dict(input_scale=-0.5), "input_scale"),
     ],
 )
 def test_inferencer_rejects_bad_config(kwargs, message):
     with pytest.raises(ConfigError, match=message):
         Inferencer(**kwargs)
+
+
+class Doubling(nn.Module):
+    """A model whose logits are at 2× its input (a DSRL model's contract, ``output_scale = 2``): a
+    position-dependent map (channel 0 → nearest ×2, plus a ramp) that any down-and-up resampling changes."""
+
+    output_scale = 2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        up = F.interpolate(x[:, :2], scale_factor=2, mode="nearest")
+        ramp = torch.arange(up.shape[-1], dtype=x.dtype).expand_as(up[:, :1])
+        return torch.cat([up[:, :1] + 0.01 * ramp, up[:, 1:2]], dim=1)
+
+
+@torch.no_grad()
+def test_output_scale_keeps_super_resolved_logits_in_every_mode():
+    """whole, slide, flip and scale pooling return a 2×-output model's logits at 2× the input,
+    unchanged by inference (before the fix they were squeezed to the input size and upsampled again)."""
+    torch.manual_seed(0)
+    model = Doubling()
+    x = torch.randn(2, 3, 12, 20, dtype=torch.float64)
+    ref = model(x)
+    assert ref.shape == (2, 2, 24, 40)
+    torch.testing.assert_close(whole(model, x, output_scale=2), ref, rtol=0, atol=0)
+    # windows placed at 2× their position, overlaps averaged: a position-equivariant map is unchanged
+    # away from window borders; the Doubling map is pointwise, so it is unchanged everywhere
+    torch.testing.assert_close(slide(model, x, (8, 8), (5, 6), output_scale=2), ref, rtol=0, atol=1e-12)
+    inferencer = Inferencer(output_scale=2)
+    torch.testing.assert_close(inferencer(model, x), ref, rtol=0, atol=0)
+    pooled = Inferencer(scales=[1.0], output_scale=2)(model, x)
+    torch.testing.assert_close(pooled, ref, rtol=0, atol=0)
+    two = Inferencer(scales=[0.5, 1.0], output_scale=2)(model, x)
+    half = F.interpolate(model(F.interpolate(x, size=(6, 10), mode="bilinear", align_corners=False)),
+                         size=(24, 40), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(two, (ref + half) / 2, rtol=0, atol=1e-12)
+    assert Inferencer(output_scale=2, input_scale=0.5)(model, x).shape == (2, 2, 24, 40)
+    # without output_scale the old behaviour: resampled to the input size (what a DSRL model must not get)
+    assert not torch.allclose(F.interpolate(whole(model, x), size=(24, 40), mode="bilinear"), ref)
+
+
+@torch.no_grad()
+def test_dsrl_eval_and_predict_keep_the_output_resolution():
+    """make_predictor on a DSRL model (and on HMSA ∘ DSRL) returns the model's own 2× logits."""
+    import scaleseg
+    from scaleseg.config import load_config
+    from scaleseg.engine.task import make_predictor
+
+    base = ["model.backbone=test_resnet", "model.head_channels=16", "data.dataset=scalescenes",
+            "model.dsrl.enabled=true"]
+    for overrides in (base, base + ["model.output_stride=8", "model.hmsa.mode=hierarchical",
+                                    "model.hmsa.attn_channels=8", "eval.scales=[1.0]"]):
+        cfg = load_config(None, overrides)
+        torch.manual_seed(0)
+        model = scaleseg.create_model(cfg).eval()
+        x = torch.randn(1, 3, 40, 56)
+        logits = make_predictor(model, cfg)(x)
+        assert logits.shape[-2:] == (80, 112)
+        torch.testing.assert_close(logits, model(x), rtol=0, atol=1e-6)
+        assert model.predict(torch.rand(3, 40, 56)).shape[-2:] == (80, 112)

@@ -210,6 +210,12 @@ class TrainConfig:
     progress: bool = True
     channels_last: bool = False  # model and batches in NHWC memory format (see engine/speed.py)
     compile: bool = False  # torch.compile the backbone and heads in place for training
+    # EMA of the weights (and BN buffers), updated after every optimiser step; validation, the
+    # checkpoints' state_dict and model.safetensors hold the EMA weights (engine/ema.py)
+    ema_decay: float | None = None
+    # start from these weights (.safetensors or a scaleseg .ckpt of the same model), e.g. the second,
+    # high-resolution phase of a recipe; a resume (--resume) restores its own checkpoint instead
+    init_weights: str | None = None
     # inference scales of the validation during training (None: eval.scales, i.e. what eval uses)
     val_scales: list[float] | None = None
 
@@ -238,6 +244,10 @@ class EvalConfig:
     sparse_threshold: float = 2.0
     sparse_tile: int = 16
     sparse_margin: int = 32
+    base_size: int | None = None  # resizes image AND labels: the score is then at the reduced size
+    # resize only the image by this factor; logits are upsampled to the label size (honest scoring)
+    infer_scale: float | None = None
+    num_images: int | None = None  # evaluate only this many evenly spaced images of the split
 
 
 @dataclass
@@ -496,6 +506,12 @@ def check(cfg: Config) -> None:
                           f"'eval.sparse_threshold' = {e.sparse_threshold}: expected tile >= 1, margin >= 0, threshold >= 0")
     if e.tile_margin is not None and e.tile_margin < 0:
         raise ConfigError(f"config key 'eval.tile_margin' = {e.tile_margin}: expected >= 0 or null")
+    if cfg.eval.infer_scale is not None and cfg.eval.infer_scale <= 0:
+        raise ConfigError(f"config key 'eval.infer_scale' = {cfg.eval.infer_scale}: expected a positive factor (e.g. 0.5)")
+    if cfg.eval.num_images is not None and cfg.eval.num_images < 1:
+        raise ConfigError(f"config key 'eval.num_images' = {cfg.eval.num_images}: expected a positive number of images")
+    if cfg.train.ema_decay is not None and not 0.0 < cfg.train.ema_decay < 1.0:
+        raise ConfigError(f"config key 'train.ema_decay' = {cfg.train.ema_decay}: expected a decay in (0, 1), e.g. 0.999")
     m = cfg.model
     if m.separable and (m.arch not in ("deeplabv3plus", "deeplabv3") or m.mcibi.enabled):
         raise ConfigError(f"config key 'model.separable' = true needs model.arch deeplabv3plus or deeplabv3 "

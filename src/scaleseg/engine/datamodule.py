@@ -7,7 +7,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from ..config import Config, DataConfig
 from ..data.build import DATASET_OPTIONS, build_dataset  # noqa: F401 - re-exported
@@ -136,8 +136,28 @@ class SegDataModule(L.LightningDataModule):
         return eval_loader(self.val_set, self.cfg, *self._rank())
 
 
+class IndexSubset(Dataset):
+    """``dataset`` restricted to ``indices``; like ``torch.utils.data.Subset`` but it also maps the
+    ``(epoch, i[, point])`` indices that scaleseg's samplers yield."""
+
+    def __init__(self, dataset: Any, indices: list[int]) -> None:
+        self.dataset, self.indices = dataset, list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, tuple):
+            return self.dataset[(index[0], self.indices[index[1]], *index[2:])]
+        return self.dataset[self.indices[index]]
+
+
 def eval_loader(dataset: Any, cfg: Config, rank: int = 0, world_size: int = 1) -> DataLoader:
-    """Ordered, unpadded shard of ``dataset`` for this rank (every image is counted exactly once)."""
+    """Ordered, unpadded shard of ``dataset`` for this rank (every image is counted exactly once).
+    With ``eval.num_images = n`` only n evenly spaced images (indices ``⌊i·N/n⌋``) are evaluated."""
+    n = cfg.eval.num_images
+    if n is not None and n < len(dataset):
+        dataset = IndexSubset(dataset, [i * len(dataset) // n for i in range(n)])
     sampler = EpochSampler(len(dataset), shuffle=False, rank=rank, world_size=world_size, pad=False)
     return DataLoader(dataset, batch_size=cfg.eval.batch_size, sampler=sampler,
                       num_workers=cfg.eval.num_workers, pin_memory=torch.cuda.is_available())

@@ -75,10 +75,14 @@ def evaluate(cfg: Config, checkpoint: str | Path, out_dir: str | Path, dump_scal
     result["split"] = cfg.data.val_split
     if trainer.is_global_zero:
         image = dm.val_set[0]["image"]
-        result["gflops"] = count_flops(model, (1, *image.shape)) / 1e9
-        result["input_size"] = list(image.shape[-2:])
+        size = list(image.shape[-2:])
+        if cfg.eval.infer_scale is not None:  # the network sees the resized image
+            size = [max(1, round(v * cfg.eval.infer_scale)) for v in size]
+        result["gflops"] = count_flops(model, (1, image.shape[0], *size)) / 1e9
+        result["input_size"] = size
+        result["params_m"] = sum(p.numel() for p in model.parameters()) / 1e6
         print(format_table(task.last_scores))
-        print(f"GFLOPs per image at {image.shape[-2]}×{image.shape[-1]}: {result['gflops']:.2f}")
+        print(f"GFLOPs per image at {size[0]}×{size[1]}: {result['gflops']:.2f}")
         write_text_atomic(Path(out_dir) / "metrics.json", json.dumps(result, indent=2))
         if dump_scales:
             from .report import dump_scale_maps

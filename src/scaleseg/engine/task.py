@@ -55,6 +55,7 @@ def make_predictor(
         stride=tuple(e.stride) if e.stride else None, flip=e.flip, scales=pool_scales,
         scale_mode="avg" if e.scale_mode in ("auto", "hierarchical") else e.scale_mode,
         tiling=None if chain else tiling,
+        input_scale=e.infer_scale, output_scale=int(getattr(model, "output_scale", 1)),
     )
     if e.sparse and not chain:
         raise ConfigError("config key 'eval.sparse' = true needs model.hmsa.mode=hierarchical (chained eval.scales)")
@@ -193,6 +194,10 @@ class SegTask(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         from ..errors import CheckpointError
 
+        if self.cfg.train.ema_decay is None:
+            from .ema import check_no_ema
+
+            check_no_ema(checkpoint)
         saved = checkpoint.get("scaleseg", {}).get("signature")
         mine = model_signature(self.cfg, len(self.class_names))
         if saved is not None and saved != mine:

@@ -21,7 +21,7 @@ from ..errors import CheckpointError, ConfigError, DataError
 from ..files import atomic_write_text, remove_stale_temp_files
 from ..models.factory import create_model
 from ..quiet import silence_lightning
-from .checkpoint import AtomicCheckpointIO, read_checkpoint, save_weights
+from .checkpoint import AtomicCheckpointIO, load_model_weights, read_checkpoint, save_weights
 from .datamodule import SegDataModule
 from .guards import LAST_FINITE, LAST_STEP, RunGuard
 from .logs import run_loggers
@@ -31,7 +31,9 @@ from .runfolder import (
     is_launching_process, latest_config_path, read_run_config, refuse_fresh_start, write_run_config,
 )
 from .speed import compile_blocks, warn_emulated_bf16
+from .ema import EMAWeights
 from .task import SegTask
+from .timing import EpochTimer
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -88,6 +90,9 @@ def build_trainer(cfg: Config, ckpt_dir: Path | None = None, extra_callbacks: li
             ))
         # last_step.ckpt before each validation, free-space checks, Ctrl-C and non-finite gradients
         callbacks.append(RunGuard(ckpt_dir, check_gradients=t.precision != "16-mixed"))
+        callbacks.append(EpochTimer())
+        if t.ema_decay is not None:
+            callbacks.append(EMAWeights(t.ema_decay))
     if t.progress:
         callbacks.append(TQDMProgressBar(refresh_rate=max(1, t.log_every_n_steps // 2)))
     check_accelerator(t.accelerator)
@@ -225,6 +230,8 @@ def _fit(cfg: Config, out: Path, ckpt_dir: Path, resume_path: str | None, launch
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     dm = SegDataModule(cfg)
     model = create_model(cfg, dm.spec.num_classes)
+    if cfg.train.init_weights is not None and resume_path is None:
+        load_model_weights(model, cfg.train.init_weights)
     dm.set_normalization(model.mean, model.std)
     dm.setup("fit")
     if launcher and cfg.data.check:

@@ -387,7 +387,8 @@ class ESPNetv2Head(nn.Module):
         if proj_planes is not None and proj_planes < 1:
             raise ConfigError(f"ESPNetv2Head: proj_planes={proj_planes}, expected ≥ 1")
         planes = [4 * base_planes, 3 * base_planes, 2 * base_planes, num_classes]
-        proj = proj_planes if proj_planes is not None else min(num_classes // 2, base_planes)
+        # EdgeNets ties the pyramid-pool projection width to the class count; a model fine-tuned from
+        # another dataset's checkpoint keeps that checkpoint's width (proj_planes) to reuse its decoder
         self.proj_planes = proj
         self.upsample_align_corners = bool(align_corners)
         self.bu_dec_l1 = EfficientPyrPool(in_channels[3], proj, planes[0])
@@ -437,6 +438,7 @@ def espnetv2_seg(num_classes: int, s: float = 2.0, *, criterion: nn.Module | Non
     ``proj_planes`` / ``align_corners``: see :class:`ESPNetv2Head` (EdgeNets' official Cityscapes
     model as 19 classes: ``proj_planes=10, align_corners=True``).
     Parameters for s = 2.0: 0.79 M with EdgeNets' 20 Cityscapes outputs (see ``tests/test_espnetv2.py``).
+    ``proj_planes``: the decoder's pyramid-pool projection width (default EdgeNets' ``min(K // 2, 16)``).
     """
     from scaleseg.models.segmentor import SegmentationModel
 

@@ -95,8 +95,17 @@ def build_segmentation_model(cfg: Config, num_classes: int) -> nn.Module:
 
         if m.input_fit != "pad":
             raise ConfigError(f"config key 'model.input_fit' = {m.input_fit!r} is not supported by model.arch 'espnetv2'; use 'pad'")
-        return espnetv2_seg(num_classes, s=m.width, criterion=criterion, proj_planes=m.espnetv2.proj_planes,
-                            align_corners=m.espnetv2.align_corners)
+        if m.pretrained_file is None:
+            return espnetv2_seg(num_classes, s=m.width, criterion=criterion, proj_planes=m.espnetv2.proj_planes,
+                                align_corners=m.espnetv2.align_corners)
+        from .espnetv2_finetune import checkpoint_proj_planes, load_edgenets_pretrained, read_edgenets_state
+
+        state = read_edgenets_state(m.pretrained_file)
+        model = espnetv2_seg(num_classes, s=m.width, criterion=criterion,
+                             proj_planes=checkpoint_proj_planes(state, m.pretrained_file),
+                             align_corners=m.espnetv2.align_corners)
+        load_edgenets_pretrained(model, state, m.pretrained_file)
+        return model
     if m.arch == "hrnet_ocr":
         from .ocr import hrnet_ocr
 

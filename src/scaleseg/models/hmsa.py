@@ -380,7 +380,7 @@ class ScalePooling(_ScaleWrapper):
             kept.update(self.base.forward_features(xs))
             return kept["logits"]
 
-        logits = scale_pooling(logits_fn, x, self.scales, self.mode)
+        logits = scale_pooling(logits_fn, x, self.scales, self.mode, self.output_scale)
         result = {"logits": logits, "feats": kept["feats"], "grid": kept["grid"]}
         result.update(aux_outputs(kept))
         return result
