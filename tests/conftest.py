@@ -1,4 +1,4 @@
-"""Shared test setup: offline hub, two threads, and the CamVid fixture."""
+"""Shared test setup: offline hub, threads per worker, and the CamVid fixture."""
 from __future__ import annotations
 
 import os
@@ -15,7 +15,8 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(2)
+# under pytest-xdist (the README's `-n 2`) each of the two workers gets one core
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 CAMVID_ROOT = Path(__file__).resolve().parents[2] / "shared/data/camvid"
 

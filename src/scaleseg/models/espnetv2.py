@@ -389,6 +389,7 @@ class ESPNetv2Head(nn.Module):
         planes = [4 * base_planes, 3 * base_planes, 2 * base_planes, num_classes]
         # EdgeNets ties the pyramid-pool projection width to the class count; a model fine-tuned from
         # another dataset's checkpoint keeps that checkpoint's width (proj_planes) to reuse its decoder
+        proj = proj_planes if proj_planes is not None else min(num_classes // 2, base_planes)
         self.proj_planes = proj
         self.upsample_align_corners = bool(align_corners)
         self.bu_dec_l1 = EfficientPyrPool(in_channels[3], proj, planes[0])
