@@ -9,13 +9,16 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("SCALESEG_CACHE_DIR", tempfile.mkdtemp(prefix="scaleseg-cache-"))
 # OpenMP threads that busy-wait make small-tensor ops 10-100x slower when cores are shared
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# under pytest-xdist (two workers) each worker, and every process it starts, gets one core: a CLI
+# subprocess must use the thread count of the in-process run it is compared with bit for bit
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-# under pytest-xdist (the README's `-n 2`) each of the two workers gets one core
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 CAMVID_ROOT = Path(__file__).resolve().parents[2] / "shared/data/camvid"

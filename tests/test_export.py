@@ -52,7 +52,9 @@ MODELS = {  # name → (config overrides, scales inside the graph)
     "hmsa_dsrl_mcibi": (TINY + ["model.arch=deeplabv3plus", *HMSA, "model.dsrl.enabled=true",
                                 "model.mcibi.enabled=true", "model.mcibi.channels=16"], (0.5, 1.0, 2.0)),
 }
-FAST = {"deeplabv3plus", "fcn"}
+# in the default run: the plain path (fcn), SSSR on DeepLabV3+ (dsrl), the memory attention (mcibi) and the
+# hierarchical chain in one graph (hmsa); the rest of the matrix is `slow` (python -m pytest -q -m slow)
+FAST = {"fcn", "dsrl", "mcibi", "hmsa"}
 INPUTS = [(1, 64, 96), (2, 77, 101), (3, 96, 128)]  # 77×101: a multiple of no stride
 
 

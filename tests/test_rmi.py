@@ -173,3 +173,30 @@ def test_rmi_config_keys_reach_the_criterion_and_bad_lambda_way_is_rejected() ->
     from scaleseg.config import from_dict
     with pytest.raises(ConfigError, match="loss.rmi_lambda_way"):
         from_dict({"loss": {"rmi_lambda_way": 2}})
+
+
+@pytest.mark.parametrize("method", [["model.dsrl.enabled=true"], ["model.mcibi.enabled=true", "model.mcibi.channels=16"]])
+def test_mcibi_and_dsrl_aux_terms_use_the_bce_part_under_rmi(method: list[str]) -> None:
+    """The aux rule of every model (fidelity row 1f): under ``loss.name=rmi`` aux logits are scored with
+    the BCE part only, as NVIDIA's aux loss; MCIBI and DSRL used to score them with BCE + RMI."""
+    import scaleseg
+    from scaleseg.config import load_config
+    from scaleseg.models.contract import supervise
+    from scaleseg.types import StepInfo
+
+    cfg = load_config(None, ["model.backbone=test_resnet", "model.head_channels=16", "data.dataset=scalescenes",
+                             "loss.name=rmi", "model.aux_head=true", *method])
+    torch.manual_seed(0)
+    model = scaleseg.create_model(cfg).train()
+    g = torch.Generator().manual_seed(1)
+    dsrl = "model.dsrl.enabled=true" in method
+    mask = torch.randint(0, 8, (2, 64, 96) if dsrl else (2, 32, 48), generator=g)
+    batch = {"image": torch.randn(2, 3, 32, 48, generator=g), "mask": mask,
+             "image_hr": torch.randn(2, 3, 64, 96, generator=g)}
+    out = model.training_forward(batch)
+    losses = model.supervision_losses(out, batch, StepInfo())
+    weight = (model.base if dsrl else model).aux_weight
+    bce = weight * supervise(RMICriterion(8, do_rmi=False), out["aux"], mask)
+    with_rmi = weight * supervise(RMICriterion(8), out["aux"], mask)
+    torch.testing.assert_close(losses["aux"], bce, rtol=1e-6, atol=0)
+    assert abs(losses["aux"].item() - with_rmi.item()) > 0.1  # the old rule would be this far off

@@ -84,7 +84,6 @@ def test_compile_blocks_names_and_keeps_the_state_dict():
     assert model.base.criterion._compiled_call_impl is None  # no parameters: left eager
 
 
-@pytest.mark.slow
 def test_compiled_training_step_and_inference_equal_eager():
     """Autograd and dynamic shapes through the in-place compiled blocks. The backend is aot_eager
     (dynamo + AOTAutograd, no C++ codegen): inductor's kernels take minutes to build on 2 cores;
