@@ -121,8 +121,10 @@ def test_ema_run_resumes_exactly_and_exports_the_ema_weights(tmp_path):
         differs += int(value.is_floating_point() and not torch.equal(train_w[key], value))
     assert differs > 0
     # a run without EMA refuses to continue from EMA weights
-    proc = scaleseg("train", *_config(tmp_path), *TINY, "train.epochs=3", f"output_dir={full}", "--resume", "auto",
-                    "--force", "--quiet", check=False)  # --force: past the changed-config guard, to the EMA check
+    # (a resume of the same folder restores the run's own config, EMA included, so a new folder resumes
+    # from the EMA run's checkpoint file)
+    proc = scaleseg("train", *_config(tmp_path), *TINY, "train.epochs=3", f"output_dir={tmp_path / 'no_ema'}",
+                    "--resume", str(full / "checkpoints" / "last.ckpt"), "--force", "--quiet", check=False)
     assert proc.returncode != 0 and "holds EMA weights" in proc.stderr
 
 
