@@ -123,3 +123,16 @@ def stop(procs: dict[str, subprocess.Popen]) -> None:
         assert proc.stdin is not None
         proc.stdin.close()
         proc.wait()
+
+
+def write_results(path: Any, result: dict[str, Any]) -> None:
+    """Write ``result`` as JSON to ``path`` (``benchmarks/results/<script>.json``) and say so, with the
+    run's seconds and the 1-minute load average before and after (``result["setup"]``)."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    setup = result["setup"]
+    print(f"\nwrote {path} ({setup['seconds']:.0f} s, load {setup['load_before'][0]:.1f} → {setup['load_after'][0]:.1f})")

@@ -28,8 +28,6 @@ written to ``benchmarks/results/hmsa_cost.json``.
 """
 from __future__ import annotations
 
-import ctypes
-import gc
 import json
 import os
 import statistics
@@ -38,41 +36,14 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _measure  # noqa: E402  (the glibc and /proc helpers the benchmarks share)
+
 VARIANTS = ("single", "hierarchical", "explicit")
 BACKBONE, NUM_CLASSES, BATCH, CROP = "resnet50", 19, 2, 320
 TIMED_STEPS = 3
 THREADS = 2
 RESULTS = Path(__file__).resolve().parent / "results" / "hmsa_cost.json"
-
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
-
-
-def _mallopt(mmap_threshold: int, trim_threshold: int) -> None:
-    """Set glibc's mmap/trim thresholds (no-op on other C libraries)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold)
-        libc.mallopt(_M_TRIM_THRESHOLD, trim_threshold)
-    except (OSError, AttributeError):
-        pass
-
-
-def _release_freed_memory() -> None:
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def _proc_status_bytes(key: str) -> int:
-    """``VmRSS`` / ``VmHWM`` of this process in bytes (Linux ``/proc``)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            name, _, value = line.partition(":")
-            if name == key:
-                return int(value.split()[0]) * 1024
-    raise RuntimeError(f"/proc/self/status has no {key}; CPU peak memory needs Linux")
 
 
 def _build(variant: str):  # noqa: ANN202
@@ -106,7 +77,7 @@ class _Trainer:
             "mask": torch.randint(0, NUM_CLASSES, (BATCH, CROP, CROP), generator=g).to(self.device),
         }
         self.steps = 0
-        _mallopt(32 << 20, 1 << 30)  # keep freed memory, as glibc's dynamic threshold ends up doing
+        _measure.mallopt(32 << 20, 1 << 30)  # keep freed memory, as glibc's dynamic threshold ends up doing
 
     def _step(self) -> None:
         from scaleseg.types import StepInfo
@@ -142,14 +113,14 @@ class _Trainer:
             rest = self.torch.cuda.memory_allocated()
             self._step()
             return {"peak_mib": (self.torch.cuda.max_memory_allocated() - rest) / 2**20}
-        _mallopt(64 << 10, 128 << 10)
-        _release_freed_memory()
-        rest = _proc_status_bytes("VmRSS")
+        _measure.mallopt(64 << 10, 128 << 10)
+        _measure.release_freed_memory()
+        rest = _measure.proc_status_bytes("VmRSS")
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset VmHWM to the current RSS
         self._step()
-        peak = _proc_status_bytes("VmHWM")
-        _mallopt(32 << 20, 1 << 30)
+        peak = _measure.proc_status_bytes("VmHWM")
+        _measure.mallopt(32 << 20, 1 << 30)
         return {"peak_mib": (peak - rest) / 2**20}
 
 

@@ -21,7 +21,6 @@ with ``<variant>_speedup`` (eager time ÷ variant time) for training and ``eval_
 """
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import sys
@@ -169,10 +168,7 @@ def main() -> None:
     result["raw"] = {"train": train, "infer": infer}
     result["setup"]["load_after"] = os.getloadavg()
     result["setup"]["seconds"] = time.perf_counter() - start
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {RESULTS} ({result['setup']['seconds']:.0f} s, load {load_before[0]:.1f} → "
-          f"{result['setup']['load_after'][0]:.1f})")
+    _measure.write_results(RESULTS, result)
 
 
 if __name__ == "__main__":

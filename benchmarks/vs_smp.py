@@ -33,7 +33,6 @@ to ``benchmarks/results/vs_smp.json``.
 """
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import sys
@@ -224,10 +223,7 @@ def main() -> None:
         for key in ("params", "flops"):
             ratio = result[f"{key}_ratio_{net}"]
             assert abs(ratio - 1) < 0.01, f"{key} differ by {100 * (ratio - 1):.2f} % on {net}: not the same network"
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwrote {RESULTS} ({result['setup']['seconds']:.0f} s, load {result['setup']['load_before'][0]:.1f} → "
-          f"{result['setup']['load_after'][0]:.1f})")
+    _measure.write_results(RESULTS, result)
 
 
 if __name__ == "__main__":
