@@ -147,3 +147,29 @@ def test_predictor_switches_to_tiles_above_eval_max_pixels(caplog):
     assert any("96×1400 image exceeds eval.max_pixels=100000" in r.message for r in caplog.records)
     with pytest.raises(ConfigError, match="eval.max_pixels"):
         load_config(None, ["eval.max_pixels=0"])
+
+
+def test_label_predictor_takes_the_argmax_window_by_window():
+    """make_predictor(labels=True), as `scaleseg predict` uses it: above the budget the argmax is taken
+    per window into a B×H×W uint8 map (never image-sized float logits) and equals the argmax of the
+    whole-image logits wherever the top two classes are not tied within the tiling error."""
+    from scaleseg.engine.task import make_predictor
+
+    model = _model()
+    x = torch.randn(2, 3, 96, 1400, generator=torch.Generator().manual_seed(4))
+    cfg = load_config(None, TINY + ["eval.max_pixels=100000", "eval.tile_margin=400"])
+    with torch.inference_mode():
+        whole = make_predictor(model, load_config(None, TINY + ["eval.max_pixels=null"]))(x)
+        labels = make_predictor(model, cfg, labels=True)(x)
+        small = make_predictor(model, cfg, labels=True)(x[..., :200])  # within the budget: whole
+    assert labels.shape == (2, 96, 1400) and labels.dtype == torch.uint8
+    top2 = whole.topk(2, dim=1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 1e-4 * whole.abs().max()
+    assert clear.float().mean() > 0.99
+    assert torch.equal(labels.long()[clear], whole.argmax(1)[clear])
+    assert torch.equal(small, model(x[..., :200]).argmax(1))
+    # flip (or scales) fuse logits first: the label predictor then argmaxes the fused logits
+    flip_cfg = load_config(None, TINY + ["eval.max_pixels=100000", "eval.tile_margin=400", "eval.flip=true"])
+    with torch.inference_mode():
+        fused = make_predictor(model, flip_cfg)(x)
+        assert torch.equal(make_predictor(model, flip_cfg, labels=True)(x), fused.argmax(1))

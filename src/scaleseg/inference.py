@@ -230,6 +230,16 @@ class Inferencer:
         return _resize(pooled(resize_image(x, self.input_scale)), _out_size(x, self.output_scale))
 
 
+    def labels(self, model: LogitsFn, x: Tensor) -> Tensor:
+        """``B×H×W`` argmax labels of ``self(model, x)``. Plain whole-image inference above the tiling
+        budget (no flip, scales or ``input_scale`` to fuse) takes the argmax window by window, so no
+        image-sized logits are held: peak memory is one window's, not the image's."""
+        plain = self.mode == "whole" and not self.flip and self.scales is None and self.input_scale in (None, 1.0)
+        if plain and self.tiling is not None and not self.tiling.fits(*x.shape[-2:]):
+            return self.tiling.logits(model, x, labels=True)
+        return self(model, x).argmax(1)
+
+
 def resize_image(x: Tensor, factor: float) -> Tensor:
     """``B×3×H×W`` → ``B×3×round(H·f)×round(W·f)``: bilinear, ``align_corners=False``, antialiased
     when shrinking (as ``torchvision``'s resize of the training transforms)."""

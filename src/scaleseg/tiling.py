@@ -241,15 +241,17 @@ def aspp_input_unit(unit: UnitFn, aspp: nn.Module, stride: int) -> UnitFn:
 
 def tiled_logits(fn: Callable[[Tensor], Tensor], x: Tensor, max_pixels: int, stride: int, margin: int,
                  aspp: Sequence[nn.Module] = (), approximate: bool = False,
-                 collect_margin: int | None = None) -> Tensor:
+                 collect_margin: int | None = None, labels: bool = False) -> Tensor:
     """Single-scale logits ``B×K×H×W`` of ``fn`` on ``x``, in windows of at most ``max_pixels``
-    (``collect_margin``: the margin of the ASPP pooling pass, default ``margin``)."""
+    (``collect_margin``: the margin of the ASPP pooling pass, default ``margin``). ``labels``: the
+    argmax of each window's core instead, ``B×H×W`` uint8 (≤ 256 classes) or int64, so no image-sized
+    float logits buffer is ever held (what ``scaleseg predict`` needs)."""
     h, w = x.shape[-2:]
     tiles = plan_tiles(h, w, max_pixels, margin, (stride, stride))
     if len(tiles) > 1:
         _note_once(tile_plan_note(h, w, tiles, margin, max_pixels, approximate))
     if len(tiles) == 1:
-        return fn(x)
+        return fn(x).argmax(1) if labels else fn(x)
     out: Tensor | None = None
     collect = None if collect_margin is None else plan_tiles(h, w, max_pixels, collect_margin, (stride, stride))
     for t, maps in tiled_maps(lambda win: {"logits": fn(win)}, x, tiles, stride, aspp, collect):
@@ -258,9 +260,13 @@ def tiled_logits(fn: Callable[[Tensor], Tensor], x: Tensor, max_pixels: int, str
             raise ConfigError(f"tiled inference needs logits at the input size; this model gives "
                               f"{tuple(logits.shape[-2:])} for a {(t.y1 - t.y0, t.x1 - t.x0)} window (DSRL?): "
                               "set eval.max_pixels=null or eval.mode=slide")
+        core = logits[..., t.cy0 - t.y0 : t.cy1 - t.y0, t.cx0 - t.x0 : t.cx1 - t.x0]
+        if labels:
+            core = core.argmax(1)
         if out is None:
-            out = logits.new_empty(*logits.shape[:2], h, w)
-        out[..., t.cy0 : t.cy1, t.cx0 : t.cx1] = logits[..., t.cy0 - t.y0 : t.cy1 - t.y0, t.cx0 - t.x0 : t.cx1 - t.x0]
+            dtype = (torch.uint8 if logits.shape[1] <= 256 else torch.int64) if labels else logits.dtype
+            out = logits.new_empty(*core.shape[:-2], h, w, dtype=dtype)
+        out[..., t.cy0 : t.cy1, t.cx0 : t.cx1] = core
     assert out is not None
     return out
 
@@ -404,14 +410,15 @@ class TiledInference:
             return True
         return h * w <= self.max_pixels
 
-    def logits(self, fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
-        """Single-scale logits of ``fn`` (the plain model) on ``x``, tiled above the budget."""
+    def logits(self, fn: Callable[[Tensor], Tensor], x: Tensor, labels: bool = False) -> Tensor:
+        """Single-scale logits of ``fn`` (the plain model) on ``x``, tiled above the budget; with
+        ``labels`` their argmax (``B×H×W``), taken window by window above the budget."""
         h, w = x.shape[-2:]
         if self.fits(h, w):
-            return fn(x)
+            return fn(x).argmax(1) if labels else fn(x)
         margin = self.margin_for(lambda win: {"logits": fn(win)}, x.device)
         return tiled_logits(fn, x, self.max_pixels, self.stride, margin, self.aspp, self.approximate,
-                            self.collect_margin)
+                            self.collect_margin, labels=labels)
 
 
 def hierarchical_logits(model: nn.Module, x: Tensor, scales: Sequence[float], tiling: TiledInference) -> Tensor:

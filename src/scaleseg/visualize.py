@@ -80,9 +80,13 @@ def overlay(image: Any, color: Any, alpha: float = 0.5, mask: Any = None) -> np.
     sel = col.any(axis=-1) if mask is None else _to_numpy(mask).astype(bool)
     if sel.shape != img.shape[:2]:
         raise DataError(f"mask of shape {sel.shape}: expected {img.shape[:2]}")
-    blend = (1.0 - alpha) * img.astype(np.float64) + alpha * col.astype(np.float64)
-    blend = np.clip(np.rint(blend), 0, 255).astype(np.uint8)
-    return np.where(sel[..., None], blend, img.astype(np.uint8))
+    # float32, in place: a 4000×3000 overlay stays at two image-sized float buffers (144 MB each)
+    blend = img.astype(np.float32)
+    blend *= np.float32(1.0 - alpha)
+    blend += np.multiply(col, np.float32(alpha), dtype=np.float32)
+    np.rint(blend, out=blend)
+    np.clip(blend, 0, 255, out=blend)
+    return np.where(sel[..., None], blend.astype(np.uint8), img.astype(np.uint8))
 
 
 def _to_pil(array: np.ndarray, palette: PaletteLike | None) -> Image.Image:

@@ -134,7 +134,7 @@ def normalize(images: np.ndarray, mean: Sequence[float], std: Sequence[float], d
     x = torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float().div_(255)
     m = torch.tensor(mean, device=device).view(1, -1, 1, 1)
     s = torch.tensor(std, device=device).view(1, -1, 1, 1)
-    return (x - m) / s
+    return x.sub_(m).div_(s)  # in place: one image-sized float buffer
 
 
 @dataclass
@@ -207,14 +207,15 @@ def predict(cfg: Config, checkpoint: str | Path, inputs: Sequence[str | Path], o
     load_model_weights(model, checkpoint)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).eval()
-    infer = make_predictor(model, cfg)
+    infer = make_predictor(model, cfg, labels=True)
     palette = spec.palette_array()
     out = Path(out_dir)
     result = PredictResult(renamed=renamed)
     with torch.inference_mode(), tqdm(total=len(files), desc="predict", unit="img") as bar:
         for batch in _readable_batches(files, batch_size, skip_bad, result.skipped):
             x = normalize(np.stack([b[2] for b in batch]), model.mean, model.std, device)
-            labels = infer(x).argmax(1).to(torch.uint8).cpu().numpy()
+            labels = infer(x).to(torch.uint8).cpu().numpy()
+            del x
             for (_, stem, image), label in zip(batch, labels):
                 base = out / stem
                 color = colorize(label, palette)

@@ -30,9 +30,11 @@ def poly_factor(step: int, max_steps: int, power: float, warmup_steps: int = 0, 
 
 
 def make_predictor(
-    model: nn.Module, cfg: Config, scales: list[float] | None = None
+    model: nn.Module, cfg: Config, scales: list[float] | None = None, labels: bool = False
 ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``x B×3×H×W → logits`` under the configured inference (``eval`` section).
+    """``x B×3×H×W → logits`` under the configured inference (``eval`` section); with ``labels``,
+    ``x → B×H×W`` argmax labels (taken window by window when a plain image exceeds ``eval.max_pixels``,
+    so ``scaleseg predict`` never holds image-sized logits).
 
     ``scales`` (default ``eval.scales``): for a hierarchical-attention model they are chained by its
     attention (scale_mode auto/hierarchical; without scales, the model's own ``infer_scales``,
@@ -66,6 +68,8 @@ def make_predictor(
         fn = lambda x: model.forward_features(x, scales=[1.0])["logits"]
     else:
         fn = model
+    if labels:
+        return lambda x: inferencer.labels(fn, x)
     return lambda x: inferencer(fn, x)
 
 
