@@ -42,6 +42,25 @@ __all__ = ["Tile", "plan_tiles", "receptive_radius", "image_pooling_modules", "t
            "resized_core", "tile_plan_note", "hierarchical_logits", "TiledInference", "chain_function"]
 
 log = logging.getLogger("scaleseg.inference")
+_MMAP_PINNED = False
+
+
+def _return_freed_windows_to_the_os() -> None:
+    """Pin glibc's mmap threshold (1 MiB) once per process, on Linux/glibc only. glibc raises the
+    threshold dynamically after each large free, so the next window's tensors come from the heap and
+    are never given back: resident memory grows with the number of windows. With a fixed threshold
+    a window's buffers are mmapped and unmapped when freed, so tiled inference stays at one window.
+    No-op where there is no glibc (and on CUDA tensors, which do not use malloc)."""
+    global _MMAP_PINNED
+    if _MMAP_PINNED:
+        return
+    _MMAP_PINNED = True
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
 UnitFn = Callable[[Tensor], dict[str, Tensor]]
 """``window B×3×h×w → {"logits": B×K×h×w, optionally "attn": B×1×h×w}`` at the window's size."""
 
@@ -250,6 +269,7 @@ def tiled_logits(fn: Callable[[Tensor], Tensor], x: Tensor, max_pixels: int, str
     tiles = plan_tiles(h, w, max_pixels, margin, (stride, stride))
     if len(tiles) > 1:
         _note_once(tile_plan_note(h, w, tiles, margin, max_pixels, approximate))
+        _return_freed_windows_to_the_os()
     if len(tiles) == 1:
         return fn(x).argmax(1) if labels else fn(x)
     out: Tensor | None = None
