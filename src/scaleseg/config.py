@@ -236,7 +236,7 @@ class EvalConfig:
     compile: bool = False  # torch.compile the backbone and heads in place for eval / predict
     # whole-image inference of an image (or a scale of it) with more pixels than this runs in windows
     # with the same logits (scaleseg/tiling.py); null: never. tile_margin null: the receptive field
-    # 2 Mpx: a 1024×2048 Cityscapes frame still runs whole; a 4000×3000 predict peaks at 1.8 GiB, not 3.7
+    # 2 Mpx: a 1024×2048 Cityscapes frame still runs whole; a 4000×3000 predict peaks at 1.7 GiB, not 3.7
     max_pixels: int | None = 2_097_152
     tile_margin: int | None = None
     # hierarchical models: run the top scale (> 1) only on tiles where it can change the fused
