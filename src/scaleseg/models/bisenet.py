@@ -49,16 +49,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from scaleseg.errors import ConfigError
 from scaleseg.models.backbone import Backbone
+from scaleseg.models.contract import resize
 from scaleseg.models.heads import ConvBNReLU
 from scaleseg.models.segmentor import SegmentationModel
 
 __all__ = [
-    "AUX_KEYS",
     "AttentionRefinement",
     "BiSeNet",
     "BiSeNetHead",
@@ -67,10 +66,6 @@ __all__ = [
     "SpatialPath",
     "bisenet",
 ]
-
-AUX_KEYS = ("aux", "aux16")
-"""Auxiliary logits of :class:`BiSeNetHead`: on the context path's 1/8 and 1/16 outputs."""
-
 
 class SpatialPath(nn.Module):
     """Three conv (stride 2) → BN → ReLU layers: ``B×3×H×W → B×channels[-1]×H/8×W/8``.
@@ -226,8 +221,8 @@ class BiSeNetHead(nn.Module):
 
     def forward(self, features: list[Tensor]) -> dict[str, Tensor]:
         spatial, f16, f32 = features
-        c16 = self.refine32(_resize(self.arm32(f32) + self.tail(f32), f16.shape[2:]))
-        c8 = self.refine16(_resize(self.arm16(f16) + c16, spatial.shape[2:]))
+        c16 = self.refine32(resize(self.arm32(f32) + self.tail(f32), f16.shape[2:]))
+        c8 = self.refine16(resize(self.arm16(f16) + c16, spatial.shape[2:]))
         feats = self.ffm(spatial, c8)
         out = {"logits": self.classifier(feats), "feats": feats}
         if self.training:
@@ -275,8 +270,3 @@ def bisenet(
     backbone = BilateralBackbone(trunk)
     head = BiSeNetHead(backbone.channels, num_classes, aux_channels=aux_channels)
     return BiSeNet(backbone, head, num_classes, criterion=criterion, aux_weight=aux_weight)
-
-
-def _resize(x: Tensor, size: Sequence[int]) -> Tensor:
-    """Bilinear, ``align_corners=False``."""
-    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
