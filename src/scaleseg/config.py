@@ -183,6 +183,8 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
+    # sgd: momentum / nesterov apply; adamw: torch.optim.AdamW (betas (0.9, 0.999), decoupled weight decay)
+    name: Literal["sgd", "adamw"] = "sgd"
     lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 1e-4
@@ -252,6 +254,28 @@ class EvalConfig:
 
 
 @dataclass
+class StageConfig:
+    """One stage of staged training (``stages:``, see ``engine/stages.py``). ``train`` / ``freeze``
+    name parts (``backbone``, ``head``, ``attention``, ``aux``, ``mcibi``, ``sisr``) or parameter-name
+    prefixes; give at most one of them (neither: everything trains)."""
+
+    name: str = "stage"
+    epochs: int = 1
+    lr: float | None = None  # None: optim.lr
+    # poly: optim.poly_power over the stage; exponential: lr · gamma^(epoch in stage); constant
+    schedule: Literal["poly", "exponential", "constant"] = "poly"
+    gamma: float = 0.8
+    warmup_steps: int = 0
+    train: list[str] | None = None  # only these train (the rest is frozen)
+    freeze: list[str] = field(default_factory=list)  # these are frozen (the rest trains)
+    # hierarchical attention only: the (lo, 1.0) training pair of this stage (None: model.hmsa.train_scales)
+    train_scales: list[float] | None = None
+    # hierarchical attention only: false trains the base at each training scale on its own (mean of
+    # the per-scale losses, no attention, no fusion), stage 1 of the single-GPU recipe
+    fuse_scales: bool = True
+
+
+@dataclass
 class Config:
     name: str = "experiment"
     seed: int = 0
@@ -262,6 +286,8 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    # staged training: stages run one after the other in one run folder; train.epochs is their sum
+    stages: list[StageConfig] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -350,6 +376,8 @@ def from_dict(data: dict[str, Any]) -> Config:
         raise ConfigError(f"a config must be a mapping of sections, got {type(data).__name__}")
     cfg = _build(Config, data)
     check(cfg)
+    if cfg.stages:
+        cfg.train.epochs = sum(stage.epochs for stage in cfg.stages)  # resolved: printed and recorded
     return cfg
 
 
@@ -513,6 +541,7 @@ def check(cfg: Config) -> None:
         raise ConfigError(f"config key 'eval.num_images' = {cfg.eval.num_images}: expected a positive number of images")
     if cfg.train.ema_decay is not None and not 0.0 < cfg.train.ema_decay < 1.0:
         raise ConfigError(f"config key 'train.ema_decay' = {cfg.train.ema_decay}: expected a decay in (0, 1), e.g. 0.999")
+    check_stages(cfg)
     m = cfg.model
     if m.separable and (m.arch not in ("deeplabv3plus", "deeplabv3") or m.mcibi.enabled):
         raise ConfigError(f"config key 'model.separable' = true needs model.arch deeplabv3plus or deeplabv3 "
@@ -520,3 +549,34 @@ def check(cfg: Config) -> None:
     if m.decoder_convs < 1 or m.decoder_channels < 1:
         raise ConfigError(f"config keys 'model.decoder_convs' = {m.decoder_convs} and 'model.decoder_channels' = "
                           f"{m.decoder_channels}: expected both >= 1")
+
+
+def check_stages(cfg: Config) -> None:
+    """``stages:``: unique names, epochs >= 1, positive LRs, one of train/freeze, a valid HMSA pair."""
+    names: set[str] = set()
+    for i, st in enumerate(cfg.stages):
+        key = f"stages[{i}]"
+        if st.name in names:
+            raise ConfigError(f"config key '{key}.name' = {st.name!r}: stage names must be unique")
+        names.add(st.name)
+        if st.epochs < 1:
+            raise ConfigError(f"config key '{key}.epochs' = {st.epochs}: expected >= 1")
+        if st.lr is not None and not (st.lr > 0 and math.isfinite(st.lr)):
+            raise ConfigError(f"config key '{key}.lr' = {st.lr}: expected > 0 (or null for optim.lr)")
+        if not 0 < st.gamma <= 1 or st.warmup_steps < 0:
+            raise ConfigError(f"config keys '{key}.gamma' = {st.gamma}, '{key}.warmup_steps' = {st.warmup_steps}: "
+                              "expected gamma in (0, 1] and warmup_steps >= 0")
+        if st.train is not None and st.freeze:
+            raise ConfigError(f"config keys '{key}.train' and '{key}.freeze' are both set: give what trains or what "
+                              "is frozen, not both")
+        if st.train is not None and not st.train:
+            raise ConfigError(f"config key '{key}.train' = []: nothing would train; list parts or prefixes")
+        if st.train_scales is not None or not st.fuse_scales:
+            if cfg.model.hmsa.mode != "hierarchical":
+                what = "train_scales" if st.train_scales is not None else "fuse_scales"
+                raise ConfigError(f"config key '{key}.{what}' needs model.hmsa.mode=hierarchical "
+                                  f"(got {cfg.model.hmsa.mode!r})")
+        if st.train_scales is not None and (len(st.train_scales) != 2 or 1.0 not in st.train_scales
+                                            or not 0 < min(st.train_scales) < 1):
+            raise ConfigError(f"config key '{key}.train_scales' = {st.train_scales}: expected two scales (lo, 1.0) "
+                              "with 0 < lo < 1")

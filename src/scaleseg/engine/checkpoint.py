@@ -86,4 +86,5 @@ def load_model_weights(model: nn.Module, path: str | Path, *, strict: bool = Tru
 def save_weights(model: nn.Module, path: str | Path) -> None:
     """Model weights as safetensors, written atomically (shared tensors are cloned)."""
     state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_path(path, lambda tmp: save_file(state, str(tmp)))

@@ -82,6 +82,14 @@ class EMAWeights(L.Callback):
         assert self.ema is not None
         self.ema.update_parameters(pl_module.model)
 
+    def start_stage(self, pl_module: L.LightningModule) -> None:
+        """Staged training: the next stage starts from this stage's EMA weights (its result), with a
+        fresh average (so a frozen part's average is its frozen value)."""
+        if self.ema is None:
+            return
+        pl_module.model.load_state_dict(self.ema.module.state_dict())
+        self.ema = AveragedModel(pl_module.model, multi_avg_fn=ema_multi_avg_fn(self.decay), use_buffers=True)
+
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.ema is not None:
             pl_module.model.load_state_dict(self.ema.module.state_dict())

@@ -20,6 +20,10 @@ from ..tiling import TiledInference, chain_function
 from ..metrics import ConfusionMatrix, scores
 from ..types import StepInfo
 from .speed import batch_to_channels_last, to_channels_last
+from .checkpoint import save_weights
+from .stages import (
+    StagePlan, announce, apply_stage, keep_frozen_in_eval, plan_stage, stage_at_epoch, stage_lr_factor, stage_weights_path,
+)
 
 
 def poly_factor(step: int, max_steps: int, power: float, warmup_steps: int = 0, warmup_ratio: float = 0.1) -> float:
@@ -102,9 +106,48 @@ class SegTask(L.LightningModule):
         self.val_cm = ConfusionMatrix(len(class_names))
         self.extra_metrics = nn.ModuleDict(getattr(model, "val_metrics", lambda: {})())
         self.max_steps = 1  # set by the caller from the data length (see engine.train.steps_per_epoch)
+        self.steps_per_epoch = 1  # likewise
         self.last_scores: dict[str, Any] | None = None
         self.last_confusion: torch.Tensor | None = None
         self.last_losses: dict[str, torch.Tensor] = {}
+        # staged training (engine/stages.py): the running stage; a resume calls enter_stage first
+        self.stage_plan: StagePlan | None = None
+        self._announced: int | None = None
+        if cfg.stages:
+            self.enter_stage(0)
+
+    # ------------------------------------------------------------------ staged training
+    def enter_stage(self, index: int) -> None:
+        """Freeze and unfreeze for stage ``index`` (the optimiser is rebuilt by the caller)."""
+        self.stage_plan = plan_stage(self.model, self.cfg.stages, index)
+        apply_stage(self.model, self.stage_plan)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> "SegTask":
+        """``nn.Module.train``, keeping the running stage's frozen modules in eval mode."""
+        super().train(mode)
+        if mode:
+            keep_frozen_in_eval(self.model, self.stage_plan)
+        return self
+
+    def on_train_epoch_start(self) -> None:
+        stages = self.cfg.stages
+        if not stages or self.stage_plan is None:
+            return
+        index = stage_at_epoch(stages, self.current_epoch)
+        if index != self.stage_plan.index:
+            from .ema import EMAWeights
+
+            for callback in self.trainer.callbacks:
+                if isinstance(callback, EMAWeights):
+                    callback.start_stage(self)  # the model now holds the finished stage's EMA weights
+            if self.trainer.is_global_zero:
+                save_weights(self.model, stage_weights_path(Path(self.cfg.output_dir), stages, self.stage_plan.index))
+            self.enter_stage(index)
+            self.trainer.strategy.setup_optimizers(self.trainer)
+        if self._announced != index and self.trainer.is_global_zero:
+            announce(self.stage_plan.describe(self.model, len(stages)))
+        self._announced = index
 
     # ------------------------------------------------------------------ training
     def prepare_batch(self, batch: Any) -> Any:
@@ -128,6 +171,8 @@ class SegTask(L.LightningModule):
         for name, value in losses.items():
             self.log(f"train/{name}", value.detach(), batch_size=bs)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=bs)
+        if self.stage_plan is not None:
+            self.log("stage", float(self.stage_plan.index + 1), prog_bar=True, batch_size=bs)
         return loss
 
     def check_finite(self, loss: torch.Tensor) -> None:
@@ -149,12 +194,20 @@ class SegTask(L.LightningModule):
     def configure_optimizers(self) -> Any:
         o = self.cfg.optim
         params = [p for p in self.model.parameters() if p.requires_grad]
-        opt = torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=o.nesterov)
+        if o.name == "adamw":
+            opt: torch.optim.Optimizer = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+        else:
+            opt = torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=o.nesterov)
         # not trainer.estimated_stepping_batches: it builds the train loader before a resume restores it
-        max_steps = self.max_steps
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: poly_factor(s, max_steps, o.poly_power, o.warmup_steps, o.warmup_ratio)
-        )
+        max_steps, per_epoch, plan = self.max_steps, self.steps_per_epoch, self.stage_plan
+        if plan is not None:  # a stage: its own LR and schedule, counted from the stage's first step
+            stage = plan.stage
+            for group in opt.param_groups:
+                group["lr"] = stage.lr if stage.lr is not None else o.lr
+            factor = lambda s: stage_lr_factor(stage, s, per_epoch, o.poly_power, o.warmup_ratio)  # noqa: E731
+        else:
+            factor = lambda s: poly_factor(s, max_steps, o.poly_power, o.warmup_steps, o.warmup_ratio)  # noqa: E731
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # ------------------------------------------------------------------ evaluation
@@ -194,6 +247,8 @@ class SegTask(L.LightningModule):
             "signature": model_signature(self.cfg, len(self.class_names)),
             "class_names": self.class_names,
         }
+        if self.stage_plan is not None:
+            checkpoint["scaleseg"]["stage"] = self.stage_plan.index
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         from ..errors import CheckpointError

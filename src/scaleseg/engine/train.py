@@ -31,6 +31,7 @@ from .runfolder import (
     is_launching_process, latest_config_path, read_run_config, refuse_fresh_start, write_run_config,
 )
 from .speed import compile_blocks, warn_emulated_bf16
+from .stages import checkpoint_stage, stage_weights_path
 from .ema import EMAWeights
 from .task import SegTask
 from .timing import EpochTimer
@@ -237,13 +238,20 @@ def _fit(cfg: Config, out: Path, ckpt_dir: Path, resume_path: str | None, launch
     if launcher and cfg.data.check:
         check_training_data(cfg, dm)
     task = SegTask(model, cfg, list(dm.spec.classes), scales=cfg.train.val_scales)
+    stage = checkpoint_stage(resume_path) if cfg.stages else None
+    if stage is not None and stage != 0:
+        task.enter_stage(stage)  # that stage's optimiser, before Lightning restores its state
     if cfg.train.compile:
         compile_blocks(model)
     warn_emulated_bf16(cfg.train.precision, cfg.train.accelerator)
     resume_step, before_validation = checkpoint_position(resume_path)
     extra = [ResumeSync(previous, cfg)] if resume_path is not None else []
     trainer = build_trainer(cfg, ckpt_dir, logger=run_loggers(out, resume_step, before_validation), extra_callbacks=extra)
-    task.max_steps = cfg.train.epochs * steps_per_epoch(dm.train_length, cfg, trainer.world_size)
+    if cfg.stages and trainer.world_size > 1:
+        raise ConfigError("config key 'stages' runs in one process (train.devices=1, train.num_nodes=1): DDP "
+                          "registers the trainable parameters once, so a stage change would not reach it")
+    task.steps_per_epoch = steps_per_epoch(dm.train_length, cfg, trainer.world_size)
+    task.max_steps = cfg.train.epochs * task.steps_per_epoch
     if launcher:
         start_record(out, cfg, resumed=resume_path is not None)
     start = time.perf_counter()
@@ -251,6 +259,8 @@ def _fit(cfg: Config, out: Path, ckpt_dir: Path, resume_path: str | None, launch
     result = dict(task.last_scores or {})
     if trainer.is_global_zero:
         save_weights(model, out / "model.safetensors")
+        if cfg.stages and task.stage_plan is not None:
+            save_weights(model, stage_weights_path(out, cfg.stages, task.stage_plan.index))
         if task.last_confusion is not None:
             result["confusion_matrix"] = task.last_confusion.tolist()
         result.update(print_summary(out, task, trainer, time.perf_counter() - start))

@@ -272,6 +272,8 @@ class HierarchicalAttention(_ScaleWrapper):
         self.lo_scale = min(train)
         self.infer_scales = check_scales(infer_scales, "infer_scales")
         self.scale_attn = AttentionHead(attn_in_channels, attn_bottleneck)
+        # False: training trains the base at each scale on its own (staged training, stage 1)
+        self.fuse_scales = True
 
     def attention(self, run: Run) -> Tensor:
         """The gate of one base run on its output grid: ``B×1×h_s×w_s``."""
@@ -289,6 +291,25 @@ class HierarchicalAttention(_ScaleWrapper):
     def training_forward(self, batch: dict[str, Any]) -> dict[str, Any]:
         """HMSA's loss is always that of the two-scale training fusion (also in eval mode)."""
         return self.two_scale_forward(batch["image"])
+
+    def training_losses(self, batch: dict[str, Any], step: StepInfo) -> dict[str, Tensor]:
+        """The two-scale fusion's losses; with ``fuse_scales`` False (stage 1 of staged training)
+        :meth:`separate_scale_losses` instead."""
+        if self.fuse_scales:
+            return super().training_losses(batch, step)
+        return self.separate_scale_losses(batch, step)
+
+    def separate_scale_losses(self, batch: dict[str, Any], step: StepInfo) -> dict[str, Tensor]:
+        """The base trained at each training scale without attention: every loss term of the base
+        (its logits upsampled to the label size) averaged over the scales (lo, 1.0); the base's state
+        updates get both runs (an MCIBI memory learns from the 1.0 run)."""
+        runs = [self._base_run(batch["image"], s) for s in (self.lo_scale, 1.0)]
+        per_scale = [{**self.base.supervision_losses(run.out, batch, step),
+                      **self.base.method_losses([run], batch, step)} for run in runs]
+        losses = {k: torch.stack([terms[k] for terms in per_scale]).mean() for k in per_scale[-1]}
+        if self.training:
+            self.base.update_state(runs, batch, step)
+        return losses
 
     def two_scale_forward(self, x: Tensor, return_scales: bool = False) -> dict[str, Any]:
         """Training fusion of (lo, 1.0): ``P = Up(a_lo·P_lo) + (1 − Up(a_lo))·P_1``."""

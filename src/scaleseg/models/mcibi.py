@@ -817,7 +817,10 @@ class MCIBIModel(SegmentationModel):
         return losses
 
     def update_state(self, runs: Sequence[Run], batch: dict[str, Any], step: StepInfo) -> None:
-        """Update the memory from the run at scale 1.0 (see the class docstring)."""
+        """Update the memory from the run at scale 1.0 (see the class docstring). A memory frozen by
+        staged training (its module in eval mode while the model trains) is not updated."""
+        if not self.head.memory_context.training:
+            return
         for run in runs:
             if run.scale == 1.0:
                 self.update_memory(run.out["R"], batch["mask"], run.out["grid"], step)
