@@ -40,6 +40,7 @@ HOST = "configs/camvid/deeplabv3plus_r18_study_host.yaml"
 ESP = "configs/camvid/espnetv2_city_finetune.yaml"
 ESP_DSRL = "configs/camvid/espnetv2_city_dsrl.yaml"
 ALL = "configs/camvid/deeplabv3plus_r18_all_cpu.yaml"
+STAGED = "configs/camvid/mobilenetv2_deeplabv3plus_hmsa_staged_cpu.yaml"
 
 # The host sees 176×240 crops of images ×0.4–0.75 and is scored on the image ×0.5 with its logits
 # bilinearly upsampled to 360×480: exactly the DSRL baseline. DSRL takes 352×480 high-resolution crops
@@ -88,6 +89,12 @@ ARMS: list[Arm] = [
         ["model.dsrl.upsample=bilinear", "model.dsrl.sisr=false"]),
     Arm("esp_sssr", "espnetv2", "180×240 → 360×480, SSSR", ESP_DSRL, ["model.dsrl.sisr=false"]),
     Arm("esp_dsrl", "espnetv2", "180×240 → 360×480, SSSR+SISR+FA", ESP_DSRL),
+    # ---- staged HMSA training (single-GPU recipe) against end-to-end at the same 12 epochs
+    # "val" is the recipe's own evaluation: hierarchical over (0.5, 1.0), the pair it trains on
+    Arm("staged", "staged", "MobileNetV2 HMSA, 3 stages (trunk 6, attention 3, finetune 3)", STAGED,
+        variants={"single": (["eval.scales=[1.0]"], []), "hier_0.5_1_2": ([], HIER)}),
+    Arm("staged_e2e", "staged", "MobileNetV2 HMSA, end-to-end 12 epochs", STAGED, ["stages=[]", "train.epochs=12"],
+        variants={"single": (["eval.scales=[1.0]"], []), "hier_0.5_1_2": ([], HIER)}),
 ]
 
 
@@ -123,6 +130,29 @@ def epoch_times(run_dir: Path) -> tuple[list[float], list[float], list[float]]:
                 if row.get("time/val_s"):
                     val.append(float(row["time/val_s"]))
     return train, val, load
+
+
+def stage_seconds(run_dir: Path) -> dict[str, float] | None:
+    """Training seconds per stage of a staged run (from the epochs' ``time/train_epoch_s``)."""
+    import yaml
+
+    config = run_dir / "config.yaml"
+    stages = yaml.safe_load(config.read_text()).get("stages") if config.exists() else None
+    if not stages:
+        return None
+    bounds, start = [], 0
+    for st in stages:
+        bounds.append((st["name"], start, start + st["epochs"]))
+        start += st["epochs"]
+    seconds = {name: 0.0 for name, _, _ in bounds}
+    for path in sorted((run_dir / "csv").glob("version_*/metrics.csv")):
+        with open(path) as fh:
+            for row in csv.DictReader(fh):
+                if row.get("time/train_epoch_s"):
+                    epoch = int(row["epoch"])
+                    name = next(n for n, a, b in bounds if a <= epoch < b)
+                    seconds[name] += float(row["time/train_epoch_s"])
+    return seconds
 
 
 def evaluate(arm: Arm, run_dir: Path, label: str, overrides: list[str], flags: list[str]) -> dict:
@@ -177,6 +207,7 @@ def run_arm(arm: Arm, runs: Path, commit: bool) -> None:
         "train_s_total": sum(train_s), "val_s_total": sum(val_s),
         "load1_mean": statistics.mean(load) if load else None,
         "load1_median": statistics.median(load) if load else None,
+        "stage_seconds": stage_seconds(run_dir),
         "evals": evals,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -237,6 +268,22 @@ def per_class_table(arm_name: str) -> str:
     return "\n".join(lines)
 
 
+def stage_time_table() -> str:
+    """Training minutes per stage of the staged arms (and the end-to-end control's total)."""
+    lines = ["| arm | " + " | ".join(["stage 1", "stage 2", "stage 3", "total train min", "wall min"]) + " |",
+             "|---|---|---|---|---|---|"]
+    for arm in ARMS:
+        path = RESULTS / f"{arm.name}.json"
+        if arm.table != "staged" or not path.exists():
+            continue
+        r = json.loads(path.read_text())
+        stages = r.get("stage_seconds") or {}
+        cells = [f"{name}: {sec / 60:.1f}" for name, sec in stages.items()] or ["–"] * 3
+        cells += ["–"] * (3 - len(cells))
+        lines.append(f"| {arm.label} | " + " | ".join(cells) + f" | {r['train_s_total'] / 60:.1f} | {r['wall_s'] / 60:.1f} |")
+    return "\n".join(lines)
+
+
 def write_tables() -> None:
     """Replace the text between ``<!-- table:NAME -->`` and ``<!-- /table -->`` markers in docs/results.md."""
     if not DOC.exists():
@@ -251,7 +298,12 @@ def write_tables() -> None:
         end_tag = text.index("-->", start) + 3
         name = text[start + len("<!-- table:"): end_tag - 3].strip()
         stop = text.index("<!-- /table -->", end_tag)
-        body = per_class_table(name[len("perclass:"):]) if name.startswith("perclass:") else table(name)
+        if name.startswith("perclass:"):
+            body = per_class_table(name[len("perclass:"):])
+        elif name == "stagetimes":
+            body = stage_time_table()
+        else:
+            body = table(name)
         out.append(text[pos:end_tag] + "\n" + body + "\n")
         pos = stop
     DOC.write_text("".join(out))

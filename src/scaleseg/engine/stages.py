@@ -27,8 +27,10 @@ import sys
 from pathlib import Path
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+from lightning.pytorch.callbacks import TQDMProgressBar
 from torch import nn
 
 from ..config import StageConfig
@@ -166,9 +168,21 @@ def checkpoint_stage(path: str | None) -> int | None:
     return int(stage) if stage is not None else None
 
 
+class StageProgressBar(TQDMProgressBar):
+    """Lightning's progress bar; in a staged run its description names the running stage."""
+
+    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        super().on_train_epoch_start(trainer, pl_module)
+        stages = getattr(getattr(pl_module, "cfg", None), "stages", None)
+        if stages:
+            i = stage_at_epoch(stages, trainer.current_epoch)
+            self.train_progress_bar.set_description(
+                f"Epoch {trainer.current_epoch} · stage {i + 1}/{len(stages)} {stages[i].name}")
+
+
 def announce(line: str) -> None:
     print(f"scaleseg: {line}", file=sys.stderr, flush=True)
 
 
 __all__ = ["StagePlan", "stage_bounds", "stage_at_epoch", "plan_stage", "apply_stage", "keep_frozen_in_eval",
-           "stage_lr_factor", "stage_weights_path", "checkpoint_stage", "announce"]
+           "stage_lr_factor", "stage_weights_path", "checkpoint_stage", "announce", "StageProgressBar"]

@@ -172,7 +172,7 @@ class SegTask(L.LightningModule):
             self.log(f"train/{name}", value.detach(), batch_size=bs)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=bs)
         if self.stage_plan is not None:
-            self.log("stage", float(self.stage_plan.index + 1), prog_bar=True, batch_size=bs)
+            self.log("stage", float(self.stage_plan.index + 1), batch_size=bs)  # the bar names it (StageProgressBar)
         return loss
 
     def check_finite(self, loss: torch.Tensor) -> None:

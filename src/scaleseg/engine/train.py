@@ -14,7 +14,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from ..config import Config, from_dict
 from ..errors import CheckpointError, ConfigError, DataError
@@ -31,7 +31,7 @@ from .runfolder import (
     is_launching_process, latest_config_path, read_run_config, refuse_fresh_start, write_run_config,
 )
 from .speed import compile_blocks, warn_emulated_bf16
-from .stages import checkpoint_stage, stage_weights_path
+from .stages import StageProgressBar, checkpoint_stage, stage_weights_path
 from .ema import EMAWeights
 from .task import SegTask
 from .timing import EpochTimer
@@ -95,7 +95,7 @@ def build_trainer(cfg: Config, ckpt_dir: Path | None = None, extra_callbacks: li
         if t.ema_decay is not None:
             callbacks.append(EMAWeights(t.ema_decay))
     if t.progress:
-        callbacks.append(TQDMProgressBar(refresh_rate=max(1, t.log_every_n_steps // 2)))
+        callbacks.append(StageProgressBar(refresh_rate=max(1, t.log_every_n_steps // 2)))
     check_accelerator(t.accelerator)
     silence_lightning()
     kwargs: dict[str, Any] = dict(
