@@ -51,6 +51,11 @@ MODELS = {  # name → (config overrides, scales inside the graph)
     "mcibi": (TINY + ["model.arch=deeplabv3plus", "model.mcibi.enabled=true", "model.mcibi.channels=16"], (1.0,)),
     "hmsa_dsrl_mcibi": (TINY + ["model.arch=deeplabv3plus", *HMSA, "model.dsrl.enabled=true",
                                 "model.mcibi.enabled=true", "model.mcibi.channels=16"], (0.5, 1.0, 2.0)),
+    "bisenet": (TINY + ["model.arch=bisenet", "model.output_stride=32"], (1.0,)),
+    "bisenet_hmsa": (TINY + ["model.arch=bisenet", "model.output_stride=32", "model.hmsa.mode=hierarchical",
+                             "model.hmsa.attn_channels=8"], (0.5, 1.0, 2.0)),
+    "dabnet": (["model.arch=dabnet", "data.dataset=scalescenes"], (1.0,)),
+    "dabnet_dsrl": (["model.arch=dabnet", "data.dataset=scalescenes", "model.dsrl.enabled=true"], (1.0,)),
 }
 # in the default run: the plain path (fcn), SSSR on DeepLabV3+ (dsrl), the memory attention (mcibi) and the
 # hierarchical chain in one graph (hmsa); the rest of the matrix is `slow` (python -m pytest -q -m slow)
