@@ -214,3 +214,10 @@ def test_shipped_staged_recipes_plan_every_stage_on_their_model(recipe):
     assert type(opt).__name__ == ("AdamW" if cfg.optim.name == "adamw" else "SGD")
     assert opt.param_groups[0]["lr"] == cfg.stages[0].lr
     assert len(opt.param_groups[0]["params"]) == len(plans[0].trainable)
+
+
+def test_a_resume_that_changes_a_stage_is_refused_naming_the_stage_key(staged, capsys):
+    config, run = staged
+    changed = STAGES.replace("lr: 0.02}", "lr: 0.03}")
+    code, _, err = cli(capsys, "train", config, *TINY, *HMSA, changed, f"output_dir={run}", "--resume", "auto", "--quiet")
+    assert code == 2 and "stages[1].lr 0.02 -> 0.03" in err and len(err.strip().splitlines()) == 1, err

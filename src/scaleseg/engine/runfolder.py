@@ -228,10 +228,14 @@ def write_run_config(folder: Path, cfg: Config, resumed: bool) -> Path:
 
 
 def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Dotted keys; a list of sections (``stages``) by index: ``stages[1].lr``."""
     out: dict[str, Any] = {}
     for key, value in data.items():
         if isinstance(value, dict):
             out.update(flatten(value, f"{prefix}{key}."))
+        elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            for i, item in enumerate(value):
+                out.update(flatten(item, f"{prefix}{key}[{i}]."))
         else:
             out[f"{prefix}{key}"] = value
     return out
