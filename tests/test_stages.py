@@ -15,7 +15,13 @@ from scaleseg.models.factory import create_model
 from scaleseg.models.parts import part_of, part_sizes
 from scaleseg.types import StepInfo
 
-from test_faults import TINY, cli, write_config
+from test_faults import TINY, cli
+
+
+def write_config(folder: Path) -> Path:
+    path = folder / "tiny.yaml"
+    path.write_text("name: tiny\nseed: 3\n")  # no train.epochs: the stages give them
+    return path
 
 HMSA = ["model.hmsa.mode=hierarchical", "model.hmsa.attn_channels=8"]
 # 8 images, batch 4: 2 steps per epoch. Stage 1: steps 0-3, stage 2: 4-7, stage 3: 8-9.
@@ -52,6 +58,9 @@ def test_parts_name_every_part_of_composed_and_light_models():
 def test_stage_config_and_plan_errors_are_one_line():
     cfg = load_config(None, [STAGES, *HMSA])
     assert cfg.train.epochs == 5  # resolved: the sum of the stages
+    assert load_config(None, [STAGES, *HMSA, "train.epochs=5"]).train.epochs == 5
+    with pytest.raises(ConfigError, match="'train.epochs' = 7 but the stages sum to 5 epochs"):
+        load_config(None, [STAGES, *HMSA, "train.epochs=7"])
     assert [stage_at_epoch(cfg.stages, e) for e in range(6)] == [0, 0, 1, 1, 2, 2]
     bad = {
         "stages=[{name: a, train: [head], freeze: [backbone]}]": "both set",

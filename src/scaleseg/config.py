@@ -377,7 +377,12 @@ def from_dict(data: dict[str, Any]) -> Config:
     cfg = _build(Config, data)
     check(cfg)
     if cfg.stages:
-        cfg.train.epochs = sum(stage.epochs for stage in cfg.stages)  # resolved: printed and recorded
+        total = sum(stage.epochs for stage in cfg.stages)
+        given = (data.get("train") or {}).get("epochs")
+        if given is not None and given != total:
+            raise ConfigError(f"config key 'train.epochs' = {given} but the stages sum to {total} epochs; with "
+                              f"stages:, train.epochs is their sum (drop it, or set it to {total})")
+        cfg.train.epochs = total  # resolved: printed and recorded
     return cfg
 
 
