@@ -134,24 +134,19 @@ def epoch_times(run_dir: Path) -> tuple[list[float], list[float], list[float]]:
 
 def stage_seconds(run_dir: Path) -> dict[str, float] | None:
     """Training seconds per stage of a staged run (from the epochs' ``time/train_epoch_s``)."""
-    import yaml
+    from scaleseg.config import load_config
+    from scaleseg.engine.stages import stage_at_epoch
 
     config = run_dir / "config.yaml"
-    stages = yaml.safe_load(config.read_text()).get("stages") if config.exists() else None
+    stages = load_config(config).stages if config.exists() else None
     if not stages:
         return None
-    bounds, start = [], 0
-    for st in stages:
-        bounds.append((st["name"], start, start + st["epochs"]))
-        start += st["epochs"]
-    seconds = {name: 0.0 for name, _, _ in bounds}
+    seconds = {st.name: 0.0 for st in stages}
     for path in sorted((run_dir / "csv").glob("version_*/metrics.csv")):
         with open(path) as fh:
             for row in csv.DictReader(fh):
                 if row.get("time/train_epoch_s"):
-                    epoch = int(row["epoch"])
-                    name = next(n for n, a, b in bounds if a <= epoch < b)
-                    seconds[name] += float(row["time/train_epoch_s"])
+                    seconds[stages[stage_at_epoch(stages, int(row["epoch"]))].name] += float(row["time/train_epoch_s"])
     return seconds
 
 

@@ -29,7 +29,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
 from torch import nn
 
@@ -138,14 +137,11 @@ def keep_frozen_in_eval(model: nn.Module, plan: StagePlan | None) -> None:
 def stage_lr_factor(stage: StageConfig, step: int, steps_per_epoch: int, poly_power: float,
                     warmup_ratio: float) -> float:
     """LR multiplier at ``step`` steps into the stage."""
-    from .task import poly_factor
+    from .task import poly_factor, warmup_factor  # task imports this module
 
     if stage.schedule == "poly":
         return poly_factor(step, stage.epochs * steps_per_epoch, poly_power, stage.warmup_steps, warmup_ratio)
-    if step < stage.warmup_steps:
-        base = warmup_ratio + (1.0 - warmup_ratio) * step / stage.warmup_steps
-    else:
-        base = 1.0
+    base = warmup_factor(step, stage.warmup_steps, warmup_ratio)
     if stage.schedule == "exponential":
         return base * stage.gamma ** (step // max(steps_per_epoch, 1))
     return base
@@ -154,18 +150,6 @@ def stage_lr_factor(stage: StageConfig, step: int, steps_per_epoch: int, poly_po
 def stage_weights_path(out: Path, stages: Sequence[StageConfig], index: int) -> Path:
     """Where a stage's result (its final weights, EMA weights with EMA) is kept in the run folder."""
     return Path(out) / "stages" / f"{index + 1}-{stages[index].name}.safetensors"
-
-
-def checkpoint_stage(path: str | None) -> int | None:
-    """The stage index stored in a scaleseg checkpoint (None: none stored / no checkpoint)."""
-    if path is None:
-        return None
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # noqa: BLE001 - Lightning's own load reports a bad checkpoint properly
-        return None
-    stage = ckpt.get("scaleseg", {}).get("stage") if isinstance(ckpt, dict) else None
-    return int(stage) if stage is not None else None
 
 
 class StageProgressBar(TQDMProgressBar):
@@ -185,4 +169,4 @@ def announce(line: str) -> None:
 
 
 __all__ = ["StagePlan", "stage_bounds", "stage_at_epoch", "plan_stage", "apply_stage", "keep_frozen_in_eval",
-           "stage_lr_factor", "stage_weights_path", "checkpoint_stage", "announce", "StageProgressBar"]
+           "stage_lr_factor", "stage_weights_path", "announce", "StageProgressBar"]

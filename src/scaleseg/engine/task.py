@@ -26,10 +26,17 @@ from .stages import (
 )
 
 
+def warmup_factor(step: int, warmup_steps: int, warmup_ratio: float) -> float:
+    """Linear warm-up from ``warmup_ratio`` to 1 over ``warmup_steps``; 1 afterwards."""
+    if step < warmup_steps:
+        return warmup_ratio + (1.0 - warmup_ratio) * step / warmup_steps
+    return 1.0
+
+
 def poly_factor(step: int, max_steps: int, power: float, warmup_steps: int = 0, warmup_ratio: float = 0.1) -> float:
     """LR multiplier: linear warm-up from ``warmup_ratio`` over ``warmup_steps``, then (1 − t/T)^power."""
     if step < warmup_steps:
-        return warmup_ratio + (1.0 - warmup_ratio) * step / warmup_steps
+        return warmup_factor(step, warmup_steps, warmup_ratio)
     return max(0.0, 1.0 - step / max(max_steps, 1)) ** power
 
 
@@ -194,16 +201,16 @@ class SegTask(L.LightningModule):
     def configure_optimizers(self) -> Any:
         o = self.cfg.optim
         params = [p for p in self.model.parameters() if p.requires_grad]
+        plan = self.stage_plan
+        lr = plan.stage.lr if plan is not None and plan.stage.lr is not None else o.lr
         if o.name == "adamw":
-            opt: torch.optim.Optimizer = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+            opt: torch.optim.Optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=o.weight_decay)
         else:
-            opt = torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=o.nesterov)
+            opt = torch.optim.SGD(params, lr=lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=o.nesterov)
         # not trainer.estimated_stepping_batches: it builds the train loader before a resume restores it
-        max_steps, per_epoch, plan = self.max_steps, self.steps_per_epoch, self.stage_plan
+        max_steps, per_epoch = self.max_steps, self.steps_per_epoch
         if plan is not None:  # a stage: its own LR and schedule, counted from the stage's first step
             stage = plan.stage
-            for group in opt.param_groups:
-                group["lr"] = stage.lr if stage.lr is not None else o.lr
             factor = lambda s: stage_lr_factor(stage, s, per_epoch, o.poly_power, o.warmup_ratio)  # noqa: E731
         else:
             factor = lambda s: poly_factor(s, max_steps, o.poly_power, o.warmup_steps, o.warmup_ratio)  # noqa: E731

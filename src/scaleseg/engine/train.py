@@ -31,7 +31,7 @@ from .runfolder import (
     is_launching_process, latest_config_path, read_run_config, refuse_fresh_start, write_run_config,
 )
 from .speed import compile_blocks, warn_emulated_bf16
-from .stages import StageProgressBar, checkpoint_stage, stage_weights_path
+from .stages import StageProgressBar, stage_weights_path
 from .ema import EMAWeights
 from .task import SegTask
 from .timing import EpochTimer
@@ -121,15 +121,18 @@ def steps_per_epoch(num_images: int, cfg: Config, world_size: int) -> int:
     return max(steps, 1)
 
 
-def checkpoint_position(resume_path: str | None) -> tuple[int | None, bool]:
-    """(global step of the checkpoint, whether it was written before its epoch's validation)."""
+def checkpoint_position(resume_path: str | None) -> tuple[int | None, bool, int | None]:
+    """(global step of the checkpoint, whether it was written before its epoch's validation, the
+    stage index a staged run stored in it)."""
     if resume_path is None:
-        return None, False
+        return None, False, None
     try:
-        step = int(torch.load(resume_path, map_location="cpu", weights_only=True, mmap=True)["global_step"])
+        ckpt = torch.load(resume_path, map_location="cpu", weights_only=True, mmap=True)
+        step = int(ckpt["global_step"])
     except Exception:  # noqa: BLE001 - Lightning's own load reports a bad checkpoint properly
-        return None, False
-    return step, Path(resume_path).name in (LAST_STEP, LAST_FINITE)
+        return None, False, None
+    stage = ckpt.get("scaleseg", {}).get("stage")
+    return step, Path(resume_path).name in (LAST_STEP, LAST_FINITE), None if stage is None else int(stage)
 
 
 def previous_config(out: Path, resume_path: str) -> Config | None:
@@ -238,13 +241,12 @@ def _fit(cfg: Config, out: Path, ckpt_dir: Path, resume_path: str | None, launch
     if launcher and cfg.data.check:
         check_training_data(cfg, dm)
     task = SegTask(model, cfg, list(dm.spec.classes), scales=cfg.train.val_scales)
-    stage = checkpoint_stage(resume_path) if cfg.stages else None
-    if stage is not None and stage != 0:
+    resume_step, before_validation, stage = checkpoint_position(resume_path)
+    if cfg.stages and stage:
         task.enter_stage(stage)  # that stage's optimiser, before Lightning restores its state
     if cfg.train.compile:
         compile_blocks(model)
     warn_emulated_bf16(cfg.train.precision, cfg.train.accelerator)
-    resume_step, before_validation = checkpoint_position(resume_path)
     extra = [ResumeSync(previous, cfg)] if resume_path is not None else []
     trainer = build_trainer(cfg, ckpt_dir, logger=run_loggers(out, resume_step, before_validation), extra_callbacks=extra)
     if cfg.stages and trainer.world_size > 1:
