@@ -146,7 +146,8 @@ def test_separable_head_from_config():
     assert sum(p.numel() for p in sep.parameters()) < sum(p.numel() for p in full.parameters())
     with pytest.raises(ConfigError, match="model.separable"):
         load_config(None, ["model.arch=pspnet", "model.separable=true"])
-    with pytest.raises(ConfigError, match="model.separable"):
-        load_config(None, ["model.mcibi.enabled=true", "model.separable=true"])
+    with pytest.raises(ConfigError, match="model.separable"):  # MCIBI's deeplabv3 host ASPP is not separable
+        load_config(None, ["model.arch=deeplabv3", "model.mcibi.enabled=true", "model.separable=true"])
+    assert load_config(None, ["model.arch=deeplabv3plus", "model.mcibi.enabled=true", "model.separable=true"]).model.separable
     with pytest.raises(ConfigError, match="model.decoder_convs"):
         load_config(None, ["model.decoder_convs=0"])

@@ -564,3 +564,26 @@ def test_shipped_non_reference_mcibi_configs_keep_the_fast_path():
         cfg = scaleseg.load_config(path)
         assert cfg.model.mcibi.momentum_min_ratio == 0.01, path
         assert cfg.model.mcibi.full_resolution == (cfg.model.arch == "deeplabv3"), path
+
+
+def test_mcibi_deeplabv3plus_host_takes_the_plain_heads_decoder_options():
+    """model.decoder_channels / decoder_convs / separable shape the MCIBI host's decoder exactly as they
+    shape the plain DeepLabV3+ head (they were ignored: the MCIBI arm had a 256-wide full-conv decoder
+    against a separable, narrower host)."""
+    import scaleseg
+    from scaleseg.models.factory import create_model
+    from scaleseg.models.heads import SeparableConvBNReLU
+
+    args = ["model.arch=deeplabv3plus", "model.backbone=test_resnet", "model.output_stride=8", "model.head_channels=16",
+            "model.decoder_channels=24", "model.decoder_convs=1", "model.separable=true", "model.pretrained=false"]
+    plain = create_model(scaleseg.load_config(None, args), 5)
+    with_memory = create_model(scaleseg.load_config(None, [*args, "model.mcibi.enabled=true", "model.mcibi.channels=16"]), 5)
+    decoder = with_memory.head.decoder
+    assert [type(b) for b in decoder.final[:-1]] == [SeparableConvBNReLU]
+    assert decoder.final[-1].in_channels == 24 and decoder.final[-1].out_channels == 5
+    shapes = {k: v.shape for k, v in plain.head.state_dict().items() if not k.startswith("aspp.")}
+    assert shapes == {k.removeprefix("decoder."): v.shape for k, v in with_memory.head.state_dict().items()
+                      if k.startswith("decoder.") and not k.startswith("decoder.aspp.")}
+    x = torch.randn(2, 3, 64, 64)
+    with_memory.eval()
+    assert with_memory(x).shape == (2, 5, 64, 64)

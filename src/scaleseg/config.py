@@ -548,8 +548,8 @@ def check(cfg: Config) -> None:
         raise ConfigError(f"config key 'train.ema_decay' = {cfg.train.ema_decay}: expected a decay in (0, 1), e.g. 0.999")
     check_stages(cfg)
     m = cfg.model
-    if m.separable and (m.arch not in ("deeplabv3plus", "deeplabv3") or m.mcibi.enabled):
-        raise ConfigError(f"config key 'model.separable' = true needs model.arch deeplabv3plus or deeplabv3 "
+    if m.separable and (m.arch not in ("deeplabv3plus", "deeplabv3") or (m.mcibi.enabled and m.arch != "deeplabv3plus")):
+        raise ConfigError(f"config key 'model.separable' = true needs model.arch deeplabv3plus, or deeplabv3 "
                           f"without model.mcibi (got arch {m.arch!r}{', mcibi' if m.mcibi.enabled else ''})")
     if m.decoder_convs < 1 or m.decoder_channels < 1:
         raise ConfigError(f"config keys 'model.decoder_convs' = {m.decoder_convs} and 'model.decoder_channels' = "

@@ -81,6 +81,7 @@ def build_mcibi_model(cfg: Config, num_classes: int, criterion: nn.Module) -> nn
         stride8_weight=mc.stride8_weight, momentum=mc.momentum, momentum_min_ratio=mc.momentum_min_ratio,
         memory_init=mc.init, full_resolution=mc.full_resolution, label_downsample=mc.label_downsample,
         aspp_project_kernel=mc.aspp_project_kernel, aspp_dropout=mc.aspp_dropout, input_fit=m.input_fit,
+        decoder_channels=m.decoder_channels, decoder_convs=m.decoder_convs, separable=m.separable,
     )
 
 

@@ -578,7 +578,9 @@ class MCIBIHead(nn.Module):
       H2 stays the stride-8 classifier of ``out`` (``stride8_logits``, supervised as deep
       supervision), because the consistency loss needs a classifier that reads C-dimensional
       vectors of the memory's space; the decoder's classifier reads low-level-fused 256-d features
-      and cannot classify memory vectors.
+      and cannot classify memory vectors. ``decoder_channels``, ``decoder_convs`` and ``separable``
+      shape that decoder as they shape the plain head (``model.*`` keys of the same names), so an
+      MCIBI model and its host without the memory share the decoder.
 
     H2 (``classifier``): 1×1 C→C (no bias), BN, ReLU, Dropout2d, 1×1 C→K — applied to ``out`` and,
     for the consistency loss, to the memory as ``K×C×1×1``.
@@ -597,6 +599,9 @@ class MCIBIHead(nn.Module):
         memory: FeatureMemory | None = None,
         aspp_project_kernel: int = 1,
         aspp_dropout: float = 0.1,
+        decoder_channels: int = 256,
+        decoder_convs: int = 2,
+        separable: bool = False,
     ) -> None:
         super().__init__()
         if host not in HOSTS:
@@ -616,7 +621,8 @@ class MCIBIHead(nn.Module):
             self.context_module = OCRContext(last, num_classes, ctx_channels)
         elif host == "deeplabv3plus":
             self.decoder = DeepLabV3PlusHead(
-                in_channels, num_classes, output_stride=output_stride, aspp_channels=channels
+                in_channels, num_classes, output_stride=output_stride, aspp_channels=channels,
+                decoder_channels=decoder_channels, decoder_convs=decoder_convs, separable=separable,
             )
             ctx_channels = channels
         self.memory_context = MemoryContext(
@@ -731,6 +737,9 @@ class MCIBIModel(SegmentationModel):
         dropout: float = 0.1,
         aspp_project_kernel: int = 1,
         aspp_dropout: float = 0.1,
+        decoder_channels: int = 256,
+        decoder_convs: int = 2,
+        separable: bool = False,
         input_fit: str = "pad",
     ) -> None:
         criterion = criterion if criterion is not None else CrossEntropyLoss()
@@ -755,6 +764,9 @@ class MCIBIModel(SegmentationModel):
             memory=memory,
             aspp_project_kernel=aspp_project_kernel,
             aspp_dropout=aspp_dropout,
+            decoder_channels=decoder_channels,
+            decoder_convs=decoder_convs,
+            separable=separable,
         )
         aux: nn.Module | None
         if aux_head is True:
