@@ -14,8 +14,10 @@ HMSA paper's ablation trunk), each as a ratio to single-scale inference of the s
   budget-sized window run alone: the tiled peak is bounded by the budget, not by the largest scale.
 
 **Sparse** (``eval.sparse``, ``scaleseg/sparse.py``) on trained models, when they exist: the demo
-model on ScaleScenes val (``runs/demo``, made by ``scaleseg demo``) and a CamVid HMSA model
-(``runs/camvid_hmsa_r18_cpu``, made by ``scaleseg train configs/camvid/deeplabv3plus_r18_hmsa_cpu.yaml``):
+model on ScaleScenes val (``runs/demo``, made by ``scaleseg demo``) and a CamVid HMSA model: the first of
+``runs/camvid_hmsa_r18_cpu`` (``scaleseg train configs/camvid/deeplabv3plus_r18_hmsa_cpu.yaml``),
+``runs/study/hmsa`` and ``runs/study/staged_e2e`` (``scripts/camvid_study.py`` arms) that exists, run at its
+``eval.infer_scale`` and scored at the label size, as ``scaleseg eval`` does:
 ``sparse_ratio`` (cost ÷ single scale), ``sparse_miou_drop`` (mIoU of dense 3-scale − sparse) and
 ``sparse_pixel_fraction`` (2.0-scale pixels computed ÷ the 2.0 image), per dataset and as the
 worst over the datasets (top-level keys).
@@ -41,9 +43,12 @@ BUDGET = 2**20
 ROUNDS = 2
 THREADS = 2
 RESULTS = Path(__file__).resolve().parent / "results" / "multiscale_infer.json"
+# per dataset: the trained HMSA runs to use, first found wins (each trained on a (0.5, 1.0) pair), and
+# how to make the first
 SPARSE_RUNS = {
-    "scalescenes": (ROOT / "runs" / "demo", "scaleseg demo"),
-    "camvid": (ROOT / "runs" / "camvid_hmsa_r18_cpu",
+    "scalescenes": ([ROOT / "runs" / "demo"], "scaleseg demo"),
+    "camvid": ([ROOT / "runs" / "camvid_hmsa_r18_cpu", ROOT / "runs" / "study" / "hmsa",
+                ROOT / "runs" / "study" / "staged_e2e"],
                "scaleseg train configs/camvid/deeplabv3plus_r18_hmsa_cpu.yaml"),
 }
 
@@ -80,15 +85,17 @@ def dense_and_tiled() -> dict:
         for r in range(ROUNDS):
             for name in (list(runs) if r % 2 == 0 else list(runs)[::-1]):
                 samples[name].append(_timed(runs[name]))
-        mems = {name: _measure.peak_memory_mib(fn) for name, fn in runs.items()}
-        dense = runs["dense"]()
+        kept: dict = {}  # the dense logits of the memory run serve as the reference (no extra 3-scale run)
+        mems = {"single": _measure.peak_memory_mib(runs["single"]),
+                "dense": _measure.peak_memory_mib(lambda: kept.update(d=runs["dense"]()))}
+        dense = kept.pop("d")
         tiling.margin_for(hmsa_unit(model, with_attn=True), x.device)  # measured outside the memory figure
-        kept: dict = {}
         mems["tiled"] = _measure.peak_memory_mib(lambda: kept.update(t=hierarchical_logits(model, x, SCALES, tiling)))
         out["tiled_max_abs_diff"] = float((kept["t"] - dense).abs().max())
         out["logit_scale"] = float(dense.abs().max())
         out["margin"] = tiling.margin
-        del dense, kept
+        kept.clear()
+        del dense
         window = torch.randn(1, 3, 1024, 1024)
         unit = hmsa_unit(model, with_attn=True)
         mems["window"] = _measure.peak_memory_mib(lambda: unit(window))
@@ -109,6 +116,7 @@ def benchmark_sparse(run: Path, name: str) -> dict:
     calibrated on training images (eval transform), never on val."""
     import numpy as np
     import torch
+    import torch.nn.functional as F
 
     from scaleseg import load_config
     from scaleseg.engine.checkpoint import load_model_weights
@@ -126,8 +134,15 @@ def benchmark_sparse(run: Path, name: str) -> dict:
     dm.setup("validate")
     train = build_dataset(cfg.data, cfg.data.train_split, dm.make_eval_transform(), cfg.seed)
     picks = np.linspace(0, len(train) - 1, CALIBRATION_IMAGES).astype(int)
-    threshold = calibrate_threshold(model, (train[int(i)]["image"][None] for i in picks), SCALES, recall=RECALL)
     e = cfg.eval
+
+    def network_input(image: torch.Tensor) -> torch.Tensor:  # as `scaleseg eval`: resized by eval.infer_scale
+        if e.infer_scale is None:
+            return image
+        return F.interpolate(image, scale_factor=e.infer_scale, mode="bilinear", align_corners=False)
+
+    threshold = calibrate_threshold(model, (network_input(train[int(i)]["image"][None]) for i in picks), SCALES,
+                                    recall=RECALL)
     kinds = ("single", "dense", "sparse")
     mats = {k: ConfusionMatrix(dm.spec.num_classes) for k in kinds}
     cpu = {k: 0.0 for k in kinds}
@@ -136,7 +151,7 @@ def benchmark_sparse(run: Path, name: str) -> dict:
     with torch.inference_mode():
         for i in range(len(dm.val_set)):
             sample = dm.val_set[i]
-            x, mask = sample["image"][None], sample["mask"][None]
+            x, mask = network_input(sample["image"][None]), sample["mask"][None]
             order = kinds if i % 2 == 0 else kinds[::-1]
             for k in order:
                 start = time.process_time()
@@ -149,6 +164,8 @@ def benchmark_sparse(run: Path, name: str) -> dict:
                                               margin=e.sparse_margin)
                     logits = res.logits
                 cpu[k] += time.process_time() - start
+                if logits.shape[-2:] != mask.shape[-2:]:  # infer_scale: scored at the label size
+                    logits = F.interpolate(logits, size=mask.shape[-2:], mode="bilinear", align_corners=False)
                 mats[k].update(logits.argmax(1), mask)
                 if k == "sparse":
                     computed, top, core = computed + res.computed_px, top + res.top_px, core + res.core_px
@@ -160,7 +177,7 @@ def benchmark_sparse(run: Path, name: str) -> dict:
     if best is not None:  # the picture of the chosen tiles on the image with the most thin structures
         _, i, res = best  # type: ignore[misc]
         image, label = dm.val_set.load_raw(i)
-        size = tuple(dm.val_set[i]["image"].shape[-2:])
+        size = tuple(network_input(dm.val_set[i]["image"][None]).shape[-2:])
         if image.shape[:2] != size:  # the eval transform resized it (CamVid: long edge 240)
             from PIL import Image
 
@@ -199,11 +216,12 @@ def _save_tiles_picture(image, label, res, palette, tile: int, path: Path) -> No
 
 def sparse_results() -> dict:
     found = {}
-    for name, (run, how) in SPARSE_RUNS.items():
-        if not (run / "model.safetensors").exists():
-            print(f"  sparse on {name}: no trained model in {run} (make it with: {how}); skipped")
+    for name, (candidates, how) in SPARSE_RUNS.items():
+        run = next((r for r in candidates if (r / "model.safetensors").exists()), None)
+        if run is None:
+            print(f"  sparse on {name}: no trained model in {candidates[0]} (make it with: {how}); skipped")
             continue
-        found[name] = benchmark_sparse(run, name)
+        found[name] = benchmark_sparse(run, name) | {"run": str(run.relative_to(ROOT))}
     return found
 
 

@@ -9,7 +9,7 @@ and crop, and evaluated at its evaluation size (batch 4 × 180×240):
   native bf16 — no AVX512-BF16/AMX — oneDNN emulates it, many times slower, and only its first step
   is timed) and
   ``compile`` (``train.compile``: ``engine.speed.compile_blocks``, inductor);
-* inference: ``eager`` and ``compile`` (``eval.compile``).
+* inference: ``eager``, ``channels_last`` (``eval.channels_last``) and ``compile`` (``eval.compile``).
 
 Each variant lives in its own worker process, starts from the same weights and batch, warms up
 (compiles) first, then the workers are driven one step at a time, round-robin with a rotating
@@ -17,7 +17,8 @@ order. ``time`` is the median process CPU time of a step (see ``vs_smp.py`` for 
 wall time is reported too. Each variant's first training loss and its inference logits are
 compared with eager (dropout off for this check; bf16 to 2 %, the others to 1e-4), so a switch
 that changes the result fails the benchmark. Results: ``benchmarks/results/speed_switches.json``
-with ``<variant>_speedup`` (eager time ÷ variant time) for training and ``eval_compile_speedup``.
+with ``<variant>_speedup`` (eager time ÷ variant time) for training, ``eval_channels_last_speedup``
+and ``eval_compile_speedup``.
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "configs" / "camvid" / "deeplabv3plus_r18_cpu.yaml"
 NUM_CLASSES = 11
 TRAIN_VARIANTS = ("eager", "channels_last", "bf16", "compile")
-INFER_VARIANTS = ("eager", "compile")
+INFER_VARIANTS = ("eager", "channels_last", "compile")
 EVAL_BATCH, EVAL_SIZE = 4, (180, 240)
 TIMED_TRAIN, TIMED_INFER = 3, 5
 THREADS = 2
@@ -163,8 +164,9 @@ def main() -> None:
         print(f"  {v:>14}: {f['cpu_s']:6.3f} s (wall {f['wall_s']:6.3f} s, warm-up {f['warmup_s']:6.1f} s)  "
               f"speed-up ×{speed:.2f} (wall ×{infer['eager']['wall_s'] / f['wall_s']:.2f})  max |Δlogit| {diff:.1e}")
         assert diff < 1e-3, f"eval {v}: logits differ from eager by {diff}"
-    result["eval_compile_speedup"] = infer["eager"]["cpu_s"] / infer["compile"]["cpu_s"]
-    result["eval_compile_wall_speedup"] = infer["eager"]["wall_s"] / infer["compile"]["wall_s"]
+    for v in INFER_VARIANTS[1:]:
+        result[f"eval_{v}_speedup"] = infer["eager"]["cpu_s"] / infer[v]["cpu_s"]
+        result[f"eval_{v}_wall_speedup"] = infer["eager"]["wall_s"] / infer[v]["wall_s"]
     result["raw"] = {"train": train, "infer": infer}
     result["setup"]["load_after"] = os.getloadavg()
     result["setup"]["seconds"] = time.perf_counter() - start

@@ -151,3 +151,26 @@ def test_bf16_on_a_cpu_without_native_bf16_is_announced(caplog, monkeypatch):
     assert "without native bf16" in caplog.text
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
     assert not warn_emulated_bf16("bf16-mixed", "cpu")
+
+
+def test_eval_channels_last_converts_the_loaded_model_with_the_same_logits(tmp_path):
+    from scaleseg.data.scalescenes import SCALESCENES
+    from scaleseg.engine.checkpoint import save_weights
+    from scaleseg.engine.evaluate import load_trained
+
+    cfg = load_config(None, TINY + ["data.num_images=2"])
+    save_weights(scaleseg.create_model(cfg, SCALESCENES.num_classes), tmp_path / "m.safetensors")
+    nhwc, _ = load_trained(load_config(None, TINY + ["data.num_images=2", "eval.channels_last=true"]), tmp_path / "m.safetensors")
+    nchw, _ = load_trained(cfg, tmp_path / "m.safetensors")
+    conv = next(m for m in nhwc.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last) and conv.weight.stride()[1] == 1
+    nhwc.eval(), nchw.eval()
+    with torch.inference_mode():
+        for size in ((48, 64), (37, 53)):
+            x = _batch(size, seed=2)["image"]  # NCHW input, as the loaders give it
+            seen = []
+            hook = conv.register_forward_hook(lambda m, i, o: seen.append(o.is_contiguous(memory_format=torch.channels_last)))
+            out = nhwc(x)
+            hook.remove()
+            assert seen == [True]  # the convs run in NHWC although the input is NCHW
+            torch.testing.assert_close(out, nchw(x), rtol=1e-4, atol=1e-4)

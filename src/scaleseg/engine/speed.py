@@ -1,4 +1,4 @@
-"""Speed switches: ``train.channels_last``, ``train.compile`` and ``eval.compile``.
+"""Speed switches: ``train.channels_last``, ``train.compile``, ``eval.channels_last`` and ``eval.compile``.
 
 ``compile_blocks`` compiles a contract model's compute blocks **in place** (``nn.Module.compile``):
 the backbone, the heads and attention heads. The Python-level contract code around them
