@@ -69,10 +69,16 @@ def test_no_tiles_gives_the_low_chain_and_all_tiles_the_dense_chain():
         assert bool(every.tiles.all())
         torch.testing.assert_close(every.logits, fcn.forward_features(x, scales=(0.5, 1.0, 2.0))["logits"],
                                    rtol=1e-5, atol=1e-5)
-        # beyond max_fraction the top scale runs densely: exactly the dense chain
+        # beyond max_fraction the top scale runs densely: the dense chain, each scale run once
+        stem = next(m for m in fcn.modules() if isinstance(m, torch.nn.Conv2d))
+        sizes: list = []
+        hook = stem.register_forward_hook(lambda m, i, o: sizes.append(tuple(i[0].shape[-2:])))
         capped = sparse_hierarchical(fcn, x, threshold=float("inf"), max_fraction=0.5)
+        hook.remove()
+        assert sorted(sizes) == [(32, 48), (64, 96), (128, 192)]
         assert capped.pixel_fraction == 1.0
-        torch.testing.assert_close(capped.logits, fcn.forward_features(x, scales=(0.5, 1.0, 2.0))["logits"])
+        torch.testing.assert_close(capped.logits, fcn.forward_features(x, scales=(0.5, 1.0, 2.0))["logits"],
+                                   rtol=1e-5, atol=1e-5)
 
 
 def test_selected_tiles_cover_the_flagged_pixels():

@@ -135,7 +135,8 @@ def sparse_hierarchical(model: nn.Module, x: Tensor, scales: Sequence[float] = (
     """Sparse hierarchical inference of ``model`` (``HierarchicalAttention``) on ``x`` ``B×3×H×W``
     (see the module docstring). ``tile`` in 1.0-scale pixels, ``margin`` in top-scale pixels.
     When the windows would cover more than ``max_fraction`` of the top-scale image, the top scale
-    runs densely instead (then ``P`` is the dense chain exactly)."""
+    runs densely instead and ``P = P_lo + W · (Down(p_S) − p₁)`` is the dense chain (to float
+    rounding), at the cost of dense inference: the lower scales are not run again."""
     if tile < 1 or margin < 0:
         raise ConfigError(f"eval.sparse_tile={tile} / eval.sparse_margin={margin}: expected tile >= 1, margin >= 0")
     top, lower = _split_scales(scales)
@@ -163,9 +164,10 @@ def sparse_hierarchical(model: nn.Module, x: Tensor, scales: Sequence[float] = (
             boxes.append(((cy0, cy1, cx0, cx1), core, win))
         plans.append(boxes)
     computed = sum((wy1 - wy0) * (wx1 - wx0) for boxes in plans for _, _, (wy0, wy1, wx0, wx1) in boxes)
-    if computed > max_fraction * result.top_px:
-        dense = model.forward_features(x, scales=scales)["logits"]
-        result.logits, result.computed_px, result.core_px = dense, result.top_px, result.top_px
+    if computed > max_fraction * result.top_px:  # the top scale densely, fused by the same identity
+        down = _resize(unit(xs)["logits"], (h, w))  # (the lower scales already ran: not run twice)
+        result.logits = parts["P_lo"] + parts["W"] * (down - parts["p1"])
+        result.computed_px, result.core_px = result.top_px, result.top_px
         result.windows = [[(0, hs, 0, ws)] for _ in range(x.shape[0])]
         return result
     p1, weight = parts["p1"], parts["W"]
