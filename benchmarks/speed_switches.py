@@ -9,7 +9,9 @@ and crop, and evaluated at its evaluation size (batch 4 × 180×240):
   native bf16 — no AVX512-BF16/AMX — oneDNN emulates it, many times slower, and only its first step
   is timed) and
   ``compile`` (``train.compile``: ``engine.speed.compile_blocks``, inductor);
-* inference: ``eager``, ``channels_last`` (``eval.channels_last``) and ``compile`` (``eval.compile``).
+* inference: ``eager``, ``channels_last`` (``eval.channels_last``) and ``compile`` (``eval.compile``);
+  and ``eager`` against ``channels_last`` on a wide network and a large image (DeepLabV3+ R-50 OS8,
+  1 × 512×1024, keys ``*_large``): NHWC's gain on the CPU depends on the layer widths and sizes.
 
 Each variant lives in its own worker process, starts from the same weights and batch, warms up
 (compiles) first, then the workers are driven one step at a time, round-robin with a rotating
@@ -37,7 +39,8 @@ NUM_CLASSES = 11
 TRAIN_VARIANTS = ("eager", "channels_last", "bf16", "compile")
 INFER_VARIANTS = ("eager", "channels_last", "compile")
 EVAL_BATCH, EVAL_SIZE = 4, (180, 240)
-TIMED_TRAIN, TIMED_INFER = 3, 5
+LARGE_VARIANTS, LARGE_SIZE = ("eager", "channels_last"), (512, 1024)  # DeepLabV3+ R-50 OS8, 19 classes
+TIMED_TRAIN, TIMED_INFER, TIMED_LARGE = 3, 5, 3
 THREADS = 2
 RESULTS = Path(__file__).resolve().parent / "results" / "speed_switches.json"
 
@@ -54,7 +57,12 @@ class _Bench:
         self.torch, self.mode, self.variant = torch, mode, variant
         cfg = load_config(RECIPE, [])
         torch.manual_seed(0)
-        self.model = create_model(cfg, NUM_CLASSES)
+        if mode == "infer_large":  # a wide network on a large image: where NHWC pays on the CPU
+            from scaleseg.models.hmsa import deeplabv3plus_os8
+
+            self.model = deeplabv3plus_os8(19, "resnet50")
+        else:
+            self.model = create_model(cfg, NUM_CLASSES)
         for m in self.model.modules():  # deterministic arithmetic, so results can be compared
             if isinstance(m, (nn.Dropout, nn.Dropout2d)):
                 m.p = 0.0
@@ -63,8 +71,9 @@ class _Bench:
         b, (h, w) = cfg.train.batch_size, cfg.data.crop_size
         self.batch = {"image": torch.randn(b, 3, h, w, generator=g),
                       "mask": torch.randint(0, NUM_CLASSES, (b, h, w), generator=g)}
-        self.eval_image = torch.randn(EVAL_BATCH, 3, *EVAL_SIZE, generator=g)
-        self.setup = {"batch": b, "crop": [h, w], "eval": [EVAL_BATCH, *EVAL_SIZE]}
+        self.eval_image = (torch.randn(1, 3, *LARGE_SIZE, generator=g) if mode == "infer_large"
+                           else torch.randn(EVAL_BATCH, 3, *EVAL_SIZE, generator=g))
+        self.setup = {"batch": b, "crop": [h, w], "eval": [EVAL_BATCH, *EVAL_SIZE], "eval_large": [1, *LARGE_SIZE]}
         if variant == "channels_last":
             to_channels_last(self.model)
             self.batch = batch_to_channels_last(self.batch)
@@ -139,6 +148,7 @@ def main() -> None:
     load_before = os.getloadavg()
     train = _run("train", TRAIN_VARIANTS, TIMED_TRAIN, env)
     infer = _run("infer", INFER_VARIANTS, TIMED_INFER, env)
+    large = _run("infer_large", LARGE_VARIANTS, TIMED_LARGE, env)
     result: dict = {"setup": train["eager"]["setup"] | {"recipe": str(RECIPE.relative_to(ROOT)), "threads": THREADS,
                                                         "load_before": load_before}}
     base = train["eager"]
@@ -155,19 +165,22 @@ def main() -> None:
               f"loss {f['loss']:.5f}{'' if same else '  DIFFERS'}"
               f"{'  (no native bf16 on this CPU: emulated, one step)' if f.get('emulated') else ''}", flush=True)
         assert same, f"{v}: first loss {f['loss']} differs from eager {base['loss']}"
-    print(f"inference, batch {EVAL_BATCH} × {list(EVAL_SIZE)} (median of {TIMED_INFER}):")
-    ref = torch.tensor(infer["eager"]["logits"])
-    for v in INFER_VARIANTS:
-        f = infer[v]
-        diff = float((torch.tensor(f["logits"]) - ref).abs().max())
-        speed = infer["eager"]["cpu_s"] / f["cpu_s"]
-        print(f"  {v:>14}: {f['cpu_s']:6.3f} s (wall {f['wall_s']:6.3f} s, warm-up {f['warmup_s']:6.1f} s)  "
-              f"speed-up ×{speed:.2f} (wall ×{infer['eager']['wall_s'] / f['wall_s']:.2f})  max |Δlogit| {diff:.1e}")
-        assert diff < 1e-3, f"eval {v}: logits differ from eager by {diff}"
-    for v in INFER_VARIANTS[1:]:
-        result[f"eval_{v}_speedup"] = infer["eager"]["cpu_s"] / infer[v]["cpu_s"]
-        result[f"eval_{v}_wall_speedup"] = infer["eager"]["wall_s"] / infer[v]["wall_s"]
-    result["raw"] = {"train": train, "infer": infer}
+    cases = [("", f"batch {EVAL_BATCH} × {list(EVAL_SIZE)}, the recipe's network", infer, INFER_VARIANTS, TIMED_INFER),
+             ("_large", f"1 × {list(LARGE_SIZE)}, DeepLabV3+ R-50 OS8", large, LARGE_VARIANTS, TIMED_LARGE)]
+    for suffix, what, runs, variants, timed in cases:
+        print(f"inference, {what} (median of {timed}):")
+        ref = torch.tensor(runs["eager"]["logits"])
+        for v in variants:
+            f = runs[v]
+            diff = float((torch.tensor(f["logits"]) - ref).abs().max())
+            speed = runs["eager"]["cpu_s"] / f["cpu_s"]
+            print(f"  {v:>14}: {f['cpu_s']:6.3f} s (wall {f['wall_s']:6.3f} s, warm-up {f['warmup_s']:6.1f} s)  "
+                  f"speed-up ×{speed:.2f} (wall ×{runs['eager']['wall_s'] / f['wall_s']:.2f})  max |Δlogit| {diff:.1e}")
+            assert diff < 1e-3, f"eval {v}: logits differ from eager by {diff}"
+            if v != "eager":
+                result[f"eval_{v}_speedup{suffix}"] = speed
+                result[f"eval_{v}_wall_speedup{suffix}"] = runs["eager"]["wall_s"] / f["wall_s"]
+    result["raw"] = {"train": train, "infer": infer, "infer_large": large}
     result["setup"]["load_after"] = os.getloadavg()
     result["setup"]["seconds"] = time.perf_counter() - start
     _measure.write_results(RESULTS, result)

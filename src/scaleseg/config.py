@@ -236,8 +236,9 @@ class EvalConfig:
     num_workers: int = 2
     base_size: int | None = None
     compile: bool = False  # torch.compile the backbone and heads in place for eval / predict
-    # model in channels-last (NHWC) memory format for eval / predict: oneDNN's faster layout on the CPU
-    # (DeepLabV3+ R-50 OS8 inference 1.38× at 512×1024 and 1024×2048, benchmarks/speed_switches.py)
+    # model in channels-last (NHWC) memory format for eval / predict. On the CPU it pays for wide networks
+    # on large images (DeepLabV3+ R-50 OS8 at 512×1024: 1.38×) and costs on small ones (the CamVid
+    # R-18 recipe at 4×180×240: 0.75×): measure yours with benchmarks/speed_switches.py
     channels_last: bool = False
     # whole-image inference of an image (or a scale of it) with more pixels than this runs in windows
     # with the same logits (scaleseg/tiling.py); null: never. tile_margin null: the receptive field
