@@ -7,6 +7,8 @@ HMSA paper's ablation trunk), each as a ratio to single-scale inference of the s
 
 * ``dense_ratio``: time of hierarchical inference over (0.5, 1, 2) (``model(x)``'s chain; NVIDIA's
   code takes 6.4×, the pixel floor is 0.25 + 1 + 4 = 5.25×), with ``dense_flops_ratio``;
+  ``dense_reuse_ratio`` the same with ``eval.reuse_memory`` on for both (glibc serves large tensors
+  from the heap: no page faults on re-allocation), ``reuse_memory_speedup_dense`` its gain on dense;
 * ``dense_mem_ratio``: its peak memory;
 * ``tiled_mem_ratio``: peak memory of the same chain with a pixel budget of 2^20 px per window
   (``eval.max_pixels``; the 2.0 scale's 2 Mpx run in windows with the network's receptive field as
@@ -60,6 +62,21 @@ def _timed(fn) -> dict:  # noqa: ANN001
     return {"wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu}
 
 
+def _reusing(fn):  # noqa: ANN001, ANN202
+    """``fn`` under ``eval.reuse_memory`` (glibc keeps freed blocks for reuse), then this benchmark's
+    allocator settings again."""
+    from scaleseg.engine.speed import reuse_freed_memory
+
+    def run():  # noqa: ANN202
+        reuse_freed_memory(True)
+        try:
+            return fn()
+        finally:
+            reuse_freed_memory(False)
+            _measure.keep_freed_memory()
+    return run
+
+
 def dense_and_tiled() -> dict:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
@@ -76,6 +93,7 @@ def dense_and_tiled() -> dict:
         "single": lambda: model.forward_features(x, scales=[1.0])["logits"],
         "dense": lambda: model.forward_features(x, scales=SCALES)["logits"],
     }
+    timed = runs | {"single_reuse": _reusing(runs["single"]), "dense_reuse": _reusing(runs["dense"])}
     out: dict = {}
     with torch.inference_mode():
         # FLOPs from shapes alone: the same counts on the meta device, without a minute of compute
@@ -85,10 +103,10 @@ def dense_and_tiled() -> dict:
                 meta.forward_features(meta_x, scales=scales)
             out[f"{name}_flops"] = counter.get_total_flops()
         del meta
-        samples: dict[str, list[dict]] = {name: [] for name in runs}
+        samples: dict[str, list[dict]] = {name: [] for name in timed}
         for r in range(ROUNDS):
-            for name in (list(runs) if r % 2 == 0 else list(runs)[::-1]):
-                samples[name].append(_timed(runs[name]))
+            for name in (list(timed) if r % 2 == 0 else list(timed)[::-1]):
+                samples[name].append(_timed(timed[name]))
         kept: dict = {}  # the dense logits of the memory run serve as the reference (no extra 3-scale run)
         mems = {"single": _measure.peak_memory_mib(runs["single"]),
                 "dense": _measure.peak_memory_mib(lambda: kept.update(d=runs["dense"]()))}
@@ -103,7 +121,7 @@ def dense_and_tiled() -> dict:
         window = torch.randn(1, 3, 1024, 1024)
         unit = hmsa_unit(model, with_attn=True)
         mems["window"] = _measure.peak_memory_mib(lambda: unit(window))
-    for name in runs:
+    for name in timed:
         out[f"{name}_cpu_s"] = statistics.median(s["cpu_s"] for s in samples[name])
         out[f"{name}_wall_s"] = statistics.median(s["wall_s"] for s in samples[name])
     for name, mib in mems.items():
@@ -242,6 +260,8 @@ def main() -> None:
         "dense_ratio": d["dense_cpu_s"] / d["single_cpu_s"],
         "dense_wall_ratio": d["dense_wall_s"] / d["single_wall_s"],
         "dense_flops_ratio": d["dense_flops"] / d["single_flops"],
+        "dense_reuse_ratio": d["dense_reuse_cpu_s"] / d["single_reuse_cpu_s"],
+        "reuse_memory_speedup_dense": d["dense_cpu_s"] / d["dense_reuse_cpu_s"],
         "dense_mem_ratio": d["dense_peak_mib"] / d["single_peak_mib"],
         "tiled_mem_ratio": d["tiled_peak_mib"] / d["single_peak_mib"],
         "window_mem_ratio": d["window_peak_mib"] / d["single_peak_mib"],
@@ -252,6 +272,8 @@ def main() -> None:
           f"{d['single_peak_mib']:.0f} MiB):")
     print(f"  dense: time ×{result['dense_ratio']:.2f} (wall ×{result['dense_wall_ratio']:.2f}, "
           f"FLOPs ×{result['dense_flops_ratio']:.2f})  peak memory ×{result['dense_mem_ratio']:.2f}")
+    print(f"  with eval.reuse_memory: dense time ×{result['dense_reuse_ratio']:.2f} of single scale with it "
+          f"({d['single_reuse_cpu_s']:.2f} CPU s); dense {result['reuse_memory_speedup_dense']:.2f}× faster than without")
     print(f"  tiled (≤ {BUDGET} px per window, margin {d['margin']} px): peak memory ×{result['tiled_mem_ratio']:.2f} "
           f"(one window ×{result['window_mem_ratio']:.2f}); max |tiled − dense| = {d['tiled_max_abs_diff']:.1e} "
           f"(logits up to {d['logit_scale']:.1f})", flush=True)

@@ -240,6 +240,9 @@ class EvalConfig:
     # on large images (DeepLabV3+ R-50 OS8 at 512×1024: 1.38×) and costs on small ones (the CamVid
     # R-18 recipe at 4×180×240: 0.75×): measure yours with benchmarks/speed_switches.py
     channels_last: bool = False
+    # glibc: large tensors from the heap, freed memory kept for reuse (no page faults when re-allocated;
+    # dense 3-scale R-50 OS8 inference at 512×1024: 20 % less CPU time); process-wide, see engine/speed.py
+    reuse_memory: bool = False
     # whole-image inference of an image (or a scale of it) with more pixels than this runs in windows
     # with the same logits (scaleseg/tiling.py); null: never. tile_margin null: the receptive field
     # 2 Mpx: a 1024×2048 Cityscapes frame still runs whole; a 4000×3000 predict peaks at 1.7 GiB, not 3.7

@@ -23,7 +23,7 @@ from ..models.factory import create_model
 from ..visualize import colorize, overlay, save_png
 from .checkpoint import load_model_weights
 from .datamodule import SegDataModule
-from .speed import compile_blocks, to_channels_last
+from .speed import compile_blocks, reuse_freed_memory, to_channels_last
 from .task import SegTask, make_predictor
 from .train import build_trainer, write_text_atomic
 
@@ -36,6 +36,8 @@ def load_trained(cfg: Config, checkpoint: str | Path) -> tuple[Any, SegDataModul
     model = create_model(cfg, dm.spec.num_classes)
     load_model_weights(model, checkpoint)
     dm.set_normalization(model.mean, model.std)
+    if cfg.eval.reuse_memory:
+        reuse_freed_memory()
     if cfg.eval.channels_last:  # inputs follow: a conv with NHWC weights returns NHWC
         to_channels_last(model)
     if cfg.eval.compile:
