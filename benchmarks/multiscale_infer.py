@@ -143,6 +143,7 @@ def benchmark_sparse(run: Path, name: str) -> dict:
     from scaleseg import load_config
     from scaleseg.engine.checkpoint import load_model_weights
     from scaleseg.engine.datamodule import SegDataModule, build_dataset
+    from scaleseg.inference import resize_image
     from scaleseg.metrics import ConfusionMatrix, scores
     from scaleseg.models.factory import create_model
     from scaleseg.sparse import calibrate_threshold, sparse_hierarchical
@@ -159,9 +160,7 @@ def benchmark_sparse(run: Path, name: str) -> dict:
     e = cfg.eval
 
     def network_input(image: torch.Tensor) -> torch.Tensor:  # as `scaleseg eval`: resized by eval.infer_scale
-        if e.infer_scale is None:
-            return image
-        return F.interpolate(image, scale_factor=e.infer_scale, mode="bilinear", align_corners=False)
+        return image if e.infer_scale is None else resize_image(image, e.infer_scale)
 
     threshold = calibrate_threshold(model, (network_input(train[int(i)]["image"][None]) for i in picks), SCALES,
                                     recall=RECALL)

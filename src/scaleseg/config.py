@@ -555,7 +555,7 @@ def check(cfg: Config) -> None:
         raise ConfigError(f"config key 'train.ema_decay' = {cfg.train.ema_decay}: expected a decay in (0, 1), e.g. 0.999")
     check_stages(cfg)
     m = cfg.model
-    if m.separable and (m.arch not in ("deeplabv3plus", "deeplabv3") or (m.mcibi.enabled and m.arch != "deeplabv3plus")):
+    if m.separable and not (m.arch == "deeplabv3plus" or (m.arch == "deeplabv3" and not m.mcibi.enabled)):
         raise ConfigError(f"config key 'model.separable' = true needs model.arch deeplabv3plus, or deeplabv3 "
                           f"without model.mcibi (got arch {m.arch!r}{', mcibi' if m.mcibi.enabled else ''})")
     if m.decoder_convs < 1 or m.decoder_channels < 1:

@@ -55,12 +55,9 @@ def _return_freed_windows_to_the_os() -> None:
     if _MMAP_PINNED:
         return
     _MMAP_PINNED = True
-    try:
-        import ctypes
+    from scaleseg.engine.speed import M_MMAP_THRESHOLD, glibc_mallopt
 
-        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        pass
+    glibc_mallopt((M_MMAP_THRESHOLD, 1 << 20))
 UnitFn = Callable[[Tensor], dict[str, Tensor]]
 """``window B×3×h×w → {"logits": B×K×h×w, optionally "attn": B×1×h×w}`` at the window's size."""
 

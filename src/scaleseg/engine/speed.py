@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["compile_blocks", "to_channels_last", "batch_to_channels_last", "warn_emulated_bf16", "reuse_freed_memory"]
+__all__ = ["compile_blocks", "to_channels_last", "batch_to_channels_last", "warn_emulated_bf16", "reuse_freed_memory",
+           "glibc_mallopt"]
 
 log = logging.getLogger("scaleseg.train")
 
@@ -45,8 +46,21 @@ def compile_blocks(model: nn.Module, **options: Any) -> list[str]:
     return compiled
 
 
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc mallopt parameters
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4  # glibc mallopt parameters
 _GLIBC_MMAP_MAX = 65536  # glibc's default M_MMAP_MAX
+
+
+def glibc_mallopt(*settings: tuple[int, int]) -> bool:
+    """``mallopt(param, value)`` for each pair; False (nothing set) where there is no glibc."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        for param, value in settings:
+            libc.mallopt(param, value)
+        return True
+    except (OSError, AttributeError):
+        return False
 
 
 def reuse_freed_memory(enable: bool = True, keep_bytes: int = 1 << 30) -> bool:
@@ -60,15 +74,8 @@ def reuse_freed_memory(enable: bool = True, keep_bytes: int = 1 << 30) -> bool:
     PyTorch's CPU tuning guide preloads. The memory of the peak stays resident instead of going
     back to the OS (tiled inference, too, keeps its freed windows for reuse). ``enable=False``
     restores glibc's defaults for new blocks. Returns False where there is no glibc."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(_M_MMAP_MAX, 0 if enable else _GLIBC_MMAP_MAX)
-        libc.mallopt(_M_TRIM_THRESHOLD, keep_bytes if enable else 128 << 10)
-        return True
-    except (OSError, AttributeError):
-        return False
+    return glibc_mallopt((M_MMAP_MAX, 0 if enable else _GLIBC_MMAP_MAX),
+                         (M_TRIM_THRESHOLD, keep_bytes if enable else 128 << 10))
 
 
 def to_channels_last(model: nn.Module) -> nn.Module:
