@@ -202,3 +202,52 @@ def test_reuse_freed_memory_serves_a_freed_large_tensor_without_page_faults():
         counts[mode] = int(out.stdout.split()[-1])
     assert counts["default"] > 8000, counts  # ~16384 pages of 4 KiB
     assert counts["reuse"] < 500, counts
+
+
+_SCOPED = """
+import resource, torch
+from scaleseg.config import load_config
+from scaleseg.engine.speed import with_eval_memory
+def faults():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.ones(16 << 20)  # 64 MiB, touched, freed
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+@with_eval_memory
+def command(cfg):
+    faults()
+    return min(faults() for _ in range(3))
+for key in ("true", "false"):
+    inside = command(load_config(None, ["eval.reuse_memory=" + key]))
+    faults()
+    print(inside, min(faults() for _ in range(3)))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc and getrusage page-fault counts: Linux")
+def test_eval_commands_reuse_freed_memory_while_they_run_and_restore_glibc_after():
+    """``eval.reuse_memory`` (the default) holds for an inference command's duration only: inside,
+    a re-allocated 64 MiB tensor faults no pages; after it (and with the key off) all 16384 again."""
+    out = subprocess.run([sys.executable, "-c", _SCOPED], capture_output=True, text=True, check=True)
+    (on_inside, on_after), (off_inside, off_after) = [tuple(map(int, line.split())) for line in out.stdout.split("\n")[-3:-1]]
+    assert on_inside < 500 and on_after > 8000, out.stdout
+    assert off_inside > 8000 and off_after > 8000, out.stdout
+    assert load_config(None, []).eval.reuse_memory is True
+
+
+def test_predict_applies_eval_channels_last(tmp_path, monkeypatch):
+    import numpy as np
+
+    from scaleseg.data.scalescenes import SCALESCENES
+    from scaleseg.engine import evaluate as ev
+    from scaleseg.engine.checkpoint import save_weights
+    from scaleseg.visualize import save_png
+
+    cfg = load_config(None, TINY + ["data.num_images=2", "eval.channels_last=true"])
+    save_weights(scaleseg.create_model(cfg, SCALESCENES.num_classes), tmp_path / "m.safetensors")
+    save_png(tmp_path / "a.png", np.random.default_rng(0).integers(0, 255, (40, 56, 3), dtype=np.uint8))
+    made = []
+    monkeypatch.setattr(ev, "create_model", lambda *a, **k: made.append(scaleseg.create_model(*a, **k)) or made[-1])
+    result = ev.predict(cfg, tmp_path / "m.safetensors", [tmp_path / "a.png"], tmp_path / "out")
+    conv = next(m for m in made[0].modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last) and conv.weight.stride()[1] == 1
+    assert [p.name for p in result.written] == ["a_label.png"]

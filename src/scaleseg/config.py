@@ -241,19 +241,25 @@ class EvalConfig:
     # R-18 recipe at 4×180×240: 0.75×): measure yours with benchmarks/speed_switches.py
     channels_last: bool = False
     # glibc: large tensors from the heap, freed memory kept for reuse (no page faults when re-allocated;
-    # dense 3-scale R-50 OS8 inference at 512×1024: 20 % less CPU time); process-wide, see engine/speed.py
-    reuse_memory: bool = False
+    # dense 3-scale R-50 OS8 inference at 512×1024: 20 % less CPU time), while eval / predict /
+    # autolabel runs; glibc's defaults again after it (engine/speed.py). What PyTorch's CPU tuning
+    # guide gets by preloading jemalloc or tcmalloc
+    reuse_memory: bool = True
     # whole-image inference of an image (or a scale of it) with more pixels than this runs in windows
     # with the same logits (scaleseg/tiling.py); null: never. tile_margin null: the receptive field
     # 2 Mpx: a 1024×2048 Cityscapes frame still runs whole; a 4000×3000 predict peaks at 1.7 GiB, not 3.7
     max_pixels: int | None = 2_097_152
     tile_margin: int | None = None
     # hierarchical models: run the top scale (> 1) only on tiles where it can change the fused
-    # prediction (scaleseg/sparse.py); tile in 1.0-scale px, margin in top-scale px
+    # prediction (scaleseg/sparse.py); tile in 1.0-scale px, margin in top-scale px; budget: the
+    # fraction of the top-scale image its windows may run, tiles of most flagged mass first (0.15:
+    # 0.25 + 1 + 4·0.15 = 1.85× single scale in pixels); null: every tile with a flagged pixel.
+    # Defaults chosen on ScaleScenes *training* images (docs/sparse_inference.md)
     sparse: bool = False
     sparse_threshold: float = 2.0
-    sparse_tile: int = 16
-    sparse_margin: int = 32
+    sparse_tile: int = 8
+    sparse_margin: int = 8
+    sparse_budget: float | None = 0.15
     base_size: int | None = None  # resizes image AND labels: the score is then at the reduced size
     # resize only the image by this factor; logits are upsampled to the label size (honest scoring)
     infer_scale: float | None = None
@@ -545,6 +551,8 @@ def check(cfg: Config) -> None:
     if e.sparse_tile < 1 or e.sparse_margin < 0 or e.sparse_threshold < 0:
         raise ConfigError(f"config keys 'eval.sparse_tile' = {e.sparse_tile}, 'eval.sparse_margin' = {e.sparse_margin}, "
                           f"'eval.sparse_threshold' = {e.sparse_threshold}: expected tile >= 1, margin >= 0, threshold >= 0")
+    if e.sparse_budget is not None and not 0 <= e.sparse_budget <= 1:
+        raise ConfigError(f"config key 'eval.sparse_budget' = {e.sparse_budget}: expected a fraction in [0, 1] or null")
     if e.tile_margin is not None and e.tile_margin < 0:
         raise ConfigError(f"config key 'eval.tile_margin' = {e.tile_margin}: expected >= 0 or null")
     if cfg.eval.infer_scale is not None and cfg.eval.infer_scale <= 0:

@@ -33,6 +33,7 @@ from ..errors import ConfigError, DataError
 from ..models.hmsa import HierarchicalAttention, check_scales
 from ..visualize import save_png
 from .evaluate import _same_size_batches, collect_images, load_trained, normalize
+from .speed import with_eval_memory
 from .task import make_predictor
 
 DEFAULT_SCALES = (0.5, 1.0, 2.0)
@@ -77,6 +78,7 @@ def labels_and_confidence(logits: torch.Tensor) -> tuple[np.ndarray, np.ndarray]
     return label.to(torch.uint8).cpu().numpy(), conf.to(torch.uint8).cpu().numpy()
 
 
+@with_eval_memory
 def autolabel(cfg: Config, checkpoint: str | Path, inputs: Sequence[str | Path], out_dir: str | Path,
               batch_size: int = 4, scales: Sequence[float] | None = None, flip: bool = True) -> list[Path]:
     """Label every image of ``inputs`` (files/folders) with the teacher → label + confidence PNGs in

@@ -23,7 +23,7 @@ from ..models.factory import create_model
 from ..visualize import colorize, overlay, save_png
 from .checkpoint import load_model_weights
 from .datamodule import SegDataModule
-from .speed import compile_blocks, reuse_freed_memory, to_channels_last
+from .speed import compile_blocks, to_channels_last, with_eval_memory
 from .task import SegTask, make_predictor
 from .train import build_trainer, write_text_atomic
 
@@ -36,13 +36,16 @@ def load_trained(cfg: Config, checkpoint: str | Path) -> tuple[Any, SegDataModul
     model = create_model(cfg, dm.spec.num_classes)
     load_model_weights(model, checkpoint)
     dm.set_normalization(model.mean, model.std)
-    if cfg.eval.reuse_memory:
-        reuse_freed_memory()
+    return ready_for_inference(model, cfg), dm
+
+
+def ready_for_inference(model: Any, cfg: Config) -> Any:
+    """The loaded model with ``eval.channels_last`` and ``eval.compile`` applied, in place."""
     if cfg.eval.channels_last:  # inputs follow: a conv with NHWC weights returns NHWC
         to_channels_last(model)
     if cfg.eval.compile:
         compile_blocks(model)
-    return model, dm
+    return model
 
 
 def label_spec(cfg: Config) -> DatasetSpec:
@@ -65,6 +68,7 @@ def label_spec(cfg: Config) -> DatasetSpec:
     return SegDataModule(cfg).spec
 
 
+@with_eval_memory
 def evaluate(cfg: Config, checkpoint: str | Path, out_dir: str | Path, dump_scales: int = 0) -> dict[str, Any]:
     """Evaluate on ``data.val_split``; prints the per-class table and writes ``out_dir/metrics.json``
     (with the model's GFLOPs at the first image's input size). ``dump_scales`` > 0 also writes that
@@ -196,6 +200,7 @@ def _readable_batches(files: list[tuple[Path, Path]], batch_size: int, skip_bad:
         yield batch
 
 
+@with_eval_memory
 def predict(cfg: Config, checkpoint: str | Path, inputs: Sequence[str | Path], out_dir: str | Path,
             batch_size: int = 4, skip_bad: bool = False) -> PredictResult:
     """Write ``<name>_label.png`` (ids), ``<name>_color.png`` (palette PNG) and ``<name>_overlay.png``
@@ -210,7 +215,7 @@ def predict(cfg: Config, checkpoint: str | Path, inputs: Sequence[str | Path], o
     model = create_model(cfg, spec.num_classes)
     load_model_weights(model, checkpoint)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device).eval()
+    ready_for_inference(model.to(device).eval(), cfg)
     infer = make_predictor(model, cfg, labels=True)
     palette = spec.palette_array()
     out = Path(out_dir)

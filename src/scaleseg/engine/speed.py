@@ -10,14 +10,17 @@ GPU); the losses run in float32 (see ``losses.ce``).
 """
 from __future__ import annotations
 
+import functools
 import logging
-from typing import Any
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
 __all__ = ["compile_blocks", "to_channels_last", "batch_to_channels_last", "warn_emulated_bf16", "reuse_freed_memory",
-           "glibc_mallopt"]
+           "reusing_freed_memory", "with_eval_memory", "glibc_mallopt"]
 
 log = logging.getLogger("scaleseg.train")
 
@@ -76,6 +79,32 @@ def reuse_freed_memory(enable: bool = True, keep_bytes: int = 1 << 30) -> bool:
     restores glibc's defaults for new blocks. Returns False where there is no glibc."""
     return glibc_mallopt((M_MMAP_MAX, 0 if enable else _GLIBC_MMAP_MAX),
                          (M_TRIM_THRESHOLD, keep_bytes if enable else 128 << 10))
+
+
+@contextmanager
+def reusing_freed_memory(enable: bool = True) -> Iterator[bool]:
+    """:func:`reuse_freed_memory` for the duration of the block, glibc's defaults again after it
+    (so a process that evaluates, then goes on, gets its memory back). Yields whether it is on."""
+    on = enable and reuse_freed_memory(True)
+    try:
+        yield on
+    finally:
+        if on:
+            reuse_freed_memory(False)
+
+
+Command = TypeVar("Command", bound=Callable[..., Any])
+
+
+def with_eval_memory(fn: Command) -> Command:
+    """Run ``fn(cfg, ...)`` (an inference command: eval, predict, autolabel) under
+    :func:`reusing_freed_memory` as ``cfg.eval.reuse_memory`` says."""
+
+    @functools.wraps(fn)
+    def run(cfg: Any, *args: Any, **kwargs: Any) -> Any:
+        with reusing_freed_memory(cfg.eval.reuse_memory):
+            return fn(cfg, *args, **kwargs)
+    return run  # type: ignore[return-value]
 
 
 def to_channels_last(model: nn.Module) -> nn.Module:
