@@ -151,12 +151,13 @@ def benchmark_sparse(run: Path, name: str) -> dict:
     import torch.nn.functional as F
 
     from scaleseg import load_config
+    from scaleseg.config import EvalConfig
     from scaleseg.engine.checkpoint import load_model_weights
     from scaleseg.engine.datamodule import SegDataModule, build_dataset
     from scaleseg.inference import resize_image
     from scaleseg.metrics import ConfusionMatrix, scores
     from scaleseg.models.factory import create_model
-    from scaleseg.sparse import calibrate_threshold, sparse_hierarchical
+    from scaleseg.sparse import calibrate_threshold, config_kwargs, sparse_hierarchical
 
     cfg = load_config(run / "config.yaml")
     dm = SegDataModule(cfg)
@@ -174,6 +175,8 @@ def benchmark_sparse(run: Path, name: str) -> dict:
 
     threshold = calibrate_threshold(model, (network_input(train[int(i)]["image"][None]) for i in picks), SCALES,
                                     recall=RECALL)
+    # today's eval.sparse_* defaults, not those a run's resolved config froze when it was trained
+    sparse_kwargs = config_kwargs(EvalConfig()) | {"threshold": threshold}
     kinds = ("single", "dense", "sparse")
     mats = {k: ConfusionMatrix(dm.spec.num_classes) for k in kinds}
     cpu = {k: 0.0 for k in kinds}
@@ -191,8 +194,7 @@ def benchmark_sparse(run: Path, name: str) -> dict:
                 elif k == "dense":
                     logits = model.forward_features(x, scales=SCALES)["logits"]
                 else:
-                    res = sparse_hierarchical(model, x, SCALES, threshold=threshold, tile=e.sparse_tile,
-                                              margin=e.sparse_margin)
+                    res = sparse_hierarchical(model, x, SCALES, **sparse_kwargs)
                     logits = res.logits
                 cpu[k] += time.process_time() - start
                 if logits.shape[-2:] != mask.shape[-2:]:  # infer_scale: scored at the label size
@@ -214,9 +216,10 @@ def benchmark_sparse(run: Path, name: str) -> dict:
 
             image = np.asarray(Image.fromarray(image).resize(size[::-1], Image.BILINEAR))
             label = np.asarray(Image.fromarray(label).resize(size[::-1], Image.NEAREST))
-        _save_tiles_picture(image, label, res, dm.spec.palette_array(), e.sparse_tile,
+        _save_tiles_picture(image, label, res, dm.spec.palette_array(), sparse_kwargs["tile"],
                             RESULTS.parent / f"sparse_tiles_{name}.png")
     return {"images": len(dm.val_set), "threshold": threshold, "recall_target": RECALL,
+            "sparse": {k: v for k, v in sparse_kwargs.items() if k != "threshold"},
             "miou_single": miou["single"], "miou_dense": miou["dense"], "miou_sparse": miou["sparse"],
             "sparse_miou_drop": miou["dense"] - miou["sparse"], "sparse_ratio": cpu["sparse"] / cpu["single"],
             "dense_ratio": cpu["dense"] / cpu["single"], "sparse_pixel_fraction": computed / top,
