@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 __all__ = ["compile_blocks", "to_channels_last", "batch_to_channels_last", "warn_emulated_bf16", "reuse_freed_memory",
-           "reusing_freed_memory", "with_eval_memory", "glibc_mallopt"]
+           "reusing_freed_memory", "release_freed_memory", "with_eval_memory", "glibc_mallopt"]
 
 log = logging.getLogger("scaleseg.train")
 
@@ -83,14 +83,28 @@ def reuse_freed_memory(enable: bool = True, keep_bytes: int = 1 << 30) -> bool:
 
 @contextmanager
 def reusing_freed_memory(enable: bool = True) -> Iterator[bool]:
-    """:func:`reuse_freed_memory` for the duration of the block, glibc's defaults again after it
-    (so a process that evaluates, then goes on, gets its memory back). Yields whether it is on."""
+    """:func:`reuse_freed_memory` for the duration of the block; after it glibc's defaults again and
+    the kept memory given back (:func:`release_freed_memory`), so a process that evaluates, then
+    goes on, gets its memory back. Yields whether it is on."""
     on = enable and reuse_freed_memory(True)
     try:
         yield on
     finally:
         if on:
             reuse_freed_memory(False)
+            release_freed_memory()
+
+
+def release_freed_memory() -> bool:
+    """``malloc_trim(0)``: glibc gives the free memory it keeps back to the OS (the heap's top and
+    the free pages inside it). False where there is no glibc."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        return True
+    except (OSError, AttributeError):
+        return False
 
 
 Command = TypeVar("Command", bound=Callable[..., Any])
