@@ -218,22 +218,32 @@ def command(cfg):
     for _ in range(4):  # the heap settles: the first few aligned blocks may not fit a freed one yet
         faults()
     return min(faults() for _ in range(3))
-for key in ("true", "false"):
-    inside = command(load_config(None, ["eval.reuse_memory=" + key]))
-    print(inside, min(faults() for _ in range(3)))
+print(command(load_config(None, [])))
 """
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc and getrusage page-fault counts: Linux")
-def test_eval_commands_reuse_freed_memory_while_they_run_and_restore_glibc_after():
+def test_eval_commands_reuse_freed_memory_while_they_run_and_restore_glibc_after(monkeypatch):
     """``eval.reuse_memory`` (the default) holds for an inference command's duration only: inside,
-    a re-allocated 64 MiB tensor faults no pages; after it the kept memory is given back, so (as
-    with the key off) it faults all 16384 again."""
+    a re-allocated 64 MiB tensor faults no pages (a fresh process with glibc's defaults: all 16384,
+    the test above); on exit glibc's defaults are set again and the kept memory is given back."""
+    from scaleseg.engine import speed
+
     out = subprocess.run([sys.executable, "-c", _SCOPED], capture_output=True, text=True, check=True)
-    (on_inside, on_after), (off_inside, off_after) = [tuple(map(int, line.split())) for line in out.stdout.split("\n")[-3:-1]]
-    assert on_inside < 500 and on_after > 8000, out.stdout
-    assert off_inside > 8000 and off_after > 8000, out.stdout
+    assert int(out.stdout.split()[-1]) < 500, out.stdout
     assert load_config(None, []).eval.reuse_memory is True
+    calls: list = []
+    monkeypatch.setattr(speed, "reuse_freed_memory", lambda enable=True: calls.append(("reuse", enable)) or True)
+    monkeypatch.setattr(speed, "release_freed_memory", lambda: calls.append(("release",)) or True)
+    command = speed.with_eval_memory(lambda cfg: calls.append(("run",)) or "done")
+    assert command(load_config(None, [])) == "done"
+    assert calls == [("reuse", True), ("run",), ("reuse", False), ("release",)]
+    calls.clear()
+    with pytest.raises(ZeroDivisionError):  # restored when the command fails, too
+        speed.with_eval_memory(lambda cfg: 1 / 0)(load_config(None, []))
+    assert calls == [("reuse", True), ("reuse", False), ("release",)]
+    calls.clear()
+    assert command(load_config(None, ["eval.reuse_memory=false"])) == "done" and calls == [("run",)]
 
 
 def test_predict_applies_eval_channels_last(tmp_path, monkeypatch):
