@@ -10,7 +10,6 @@ set to keep freed memory (mmap threshold 32 MiB), as it ends up in a long run.
 """
 from __future__ import annotations
 
-import ctypes
 import gc
 import json
 import subprocess
@@ -18,17 +17,11 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
-
-
 def mallopt(mmap_threshold: int, trim_threshold: int) -> None:
     """Set glibc's mmap/trim thresholds (no-op on other C libraries)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold)
-        libc.mallopt(_M_TRIM_THRESHOLD, trim_threshold)
-    except (OSError, AttributeError):
-        pass
+    from scaleseg.engine.speed import M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, glibc_mallopt
+
+    glibc_mallopt((M_MMAP_THRESHOLD, mmap_threshold), (M_TRIM_THRESHOLD, trim_threshold))
 
 
 def keep_freed_memory() -> None:
@@ -37,11 +30,10 @@ def keep_freed_memory() -> None:
 
 
 def release_freed_memory() -> None:
+    from scaleseg.engine.speed import release_freed_memory as trim
+
     gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    trim()
 
 
 def proc_status_bytes(key: str) -> int:

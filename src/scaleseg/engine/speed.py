@@ -53,17 +53,23 @@ M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4  # glibc mallopt par
 _GLIBC_MMAP_MAX = 65536  # glibc's default M_MMAP_MAX
 
 
-def glibc_mallopt(*settings: tuple[int, int]) -> bool:
-    """``mallopt(param, value)`` for each pair; False (nothing set) where there is no glibc."""
+def _glibc() -> Any:
+    """glibc through ctypes, or None where the C library is another."""
     try:
         import ctypes
 
         libc = ctypes.CDLL("libc.so.6")
-        for param, value in settings:
-            libc.mallopt(param, value)
-        return True
-    except (OSError, AttributeError):
-        return False
+        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+def glibc_mallopt(*settings: tuple[int, int]) -> bool:
+    """``mallopt(param, value)`` for each pair; False (nothing set) where there is no glibc."""
+    libc = _glibc()
+    for param, value in settings if libc is not None else ():
+        libc.mallopt(param, value)
+    return libc is not None
 
 
 def reuse_freed_memory(enable: bool = True, keep_bytes: int = 1 << 30) -> bool:
@@ -98,13 +104,10 @@ def reusing_freed_memory(enable: bool = True) -> Iterator[bool]:
 def release_freed_memory() -> bool:
     """``malloc_trim(0)``: glibc gives the free memory it keeps back to the OS (the heap's top and
     the free pages inside it). False where there is no glibc."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-        return True
-    except (OSError, AttributeError):
-        return False
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+    return libc is not None
 
 
 Command = TypeVar("Command", bound=Callable[..., Any])
