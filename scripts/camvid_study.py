@@ -67,8 +67,8 @@ class Arm:
 
 
 ARMS: list[Arm] = [
-    Arm("strong", "strong", "phase 1: 40 epochs at ×0.5", STRONG),
-    Arm("strong_hr", "strong", "phase 2: + 5 epochs at ×0.75", STRONG_HR,
+    Arm("strong", "strong", "phase 1: 80 epochs at ×0.5, bf16", STRONG),
+    Arm("strong_hr", "strong", "phase 2: + 8 epochs at ×0.75, bf16", STRONG_HR,
         ["train.init_weights={runs}/strong/model.safetensors"],
         variants={"flip": ([], ["--flip"]), "x1.0": (["eval.infer_scale=1.0"], [])}, needs="{runs}/strong/model.safetensors"),
     # ---- methods against their host, DeepLabV3+ R-18 from scratch, one common schedule
