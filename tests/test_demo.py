@@ -33,6 +33,8 @@ def test_demo_reports_all_variants_consistently_with_eval(tmp_path, capsys):
     checks = {
         "single scale 1.0": ["eval.scales=[1.0]"],
         "avg pooling {0.5, 1, 2}": ["eval.scales=[0.5,1.0,2.0]", "eval.scale_mode=avg"],
+        # a subset's fusion, derived from the demo's one run over the union of the scale sets
+        "hierarchical {0.5, 1, 2}": ["eval.scales=[0.5,1.0,2.0]", "eval.scale_mode=hierarchical"],
         "hierarchical {0.25, 0.5, 1, 2}": ["eval.scales=[0.25,0.5,1.0,2.0]", "eval.scale_mode=hierarchical"],
     }
     for name, extra in checks.items():
@@ -49,3 +51,20 @@ def test_demo_reports_all_variants_consistently_with_eval(tmp_path, capsys):
 
     state = load_file(str(out / "hmsa_mcibi" / "model.safetensors"))
     assert state["base.head.memory_context.memory.initialized"].any()
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_demo_trains_in_bf16_channels_last_only_on_native_bf16_cpus(monkeypatch, native):
+    import scaleseg.engine.demo as demo_mod
+
+    monkeypatch.setattr(demo_mod, "cpu_has_native_bf16", lambda: native)
+    speed = ["train.precision=bf16-mixed", "train.channels_last=true"]
+    assert demo_mod.native_speed_overrides(["train.epochs=2"]) == ["train.epochs=2", *(speed if native else [])]
+    # the user's key wins, key by key
+    got = demo_mod.native_speed_overrides(["train.precision=32"])
+    assert got == ["train.precision=32", *(["train.channels_last=true"] if native else [])]
+    cfg = load_config(demo_config_path(), got)
+    assert cfg.train.precision == "32" and cfg.train.channels_last is native
+    # a GPU run gets nothing (it is not this CPU's choice)
+    monkeypatch.setattr(demo_mod, "runs_on_cpu", lambda accelerator: accelerator == "cpu")
+    assert demo_mod.native_speed_overrides(["train.accelerator=gpu"]) == ["train.accelerator=gpu"]

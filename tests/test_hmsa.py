@@ -19,6 +19,7 @@ from scaleseg.models.hmsa import (
     HierarchicalAttention,
     ScalePooling,
     deeplabv3plus_os8,
+    hierarchical_fusion,
 )
 from scaleseg.models.contract import ContractModel, Grid
 from scaleseg.types import StepInfo
@@ -149,6 +150,22 @@ def test_nscale_chain_matches_hand_formula() -> None:
     want = out["logits"]
     want = up(gate(0.25) * t[sizes[0.25]]["logits"], sizes[1.0]) + (1 - up(gate(0.25), sizes[1.0])) * want
     torch.testing.assert_close(out4["logits"], want, atol=1e-6, rtol=0)
+
+
+def test_hierarchical_fusion_of_a_superset_run_equals_a_run_over_the_subset() -> None:
+    torch.manual_seed(3)
+    model = HierarchicalAttention(ConvBase(), C).eval()
+    x = torch.randn(2, 3, 32, 48)
+    with torch.no_grad():
+        union = model.forward_features(x, scales=(0.25, 0.5, 1.0, 2.0), return_scales=True)
+        for subset in ((0.25, 0.5, 1.0, 2.0), (0.5, 1.0, 2.0), (0.5, 1.0), (1.0, 2.0), (1.0,)):
+            alone = model.forward_features(x, scales=subset)["logits"]
+            torch.testing.assert_close(hierarchical_fusion(union, subset), alone, atol=0, rtol=0)
+    # a run over (0.5, 1.0) has no 2.0 logits and no attention at 1.0 (its highest scale)
+    with torch.no_grad():
+        pair = model.forward_features(x, scales=(0.5, 1.0), return_scales=True)
+    with pytest.raises(ConfigError, match=r"scales=\[0\.5, 1\.0, 2\.0\].*pred_2\.0x, attn_1\.0x"):
+        hierarchical_fusion(pair, (0.5, 1.0, 2.0))
 
 
 def test_train_mode_uses_two_scales_and_eval_uses_infer_scales() -> None:

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-__all__ = ["compile_blocks", "to_channels_last", "batch_to_channels_last", "warn_emulated_bf16", "reuse_freed_memory",
+__all__ = ["compile_blocks", "to_channels_last", "batch_to_channels_last", "warn_emulated_bf16", "runs_on_cpu", "cpu_has_native_bf16", "reuse_freed_memory",
            "reusing_freed_memory", "release_freed_memory", "with_eval_memory", "glibc_mallopt"]
 
 log = logging.getLogger("scaleseg.train")
@@ -138,11 +138,20 @@ def batch_to_channels_last(batch: Any) -> Any:
             for k, v in batch.items()}
 
 
+def runs_on_cpu(accelerator: str) -> bool:
+    """Whether ``train.accelerator`` trains on the CPU ("cpu", or "auto" without CUDA)."""
+    return accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether oneDNN runs bf16 natively on this CPU (AVX512-BF16 or AMX)."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def warn_emulated_bf16(precision: str, accelerator: str) -> bool:
     """Warn (and return True) when bf16 would run on a CPU without native bf16 (AVX512-BF16 or
     AMX): oneDNN then emulates it, many times slower than float32 (benchmarks/speed_switches.py)."""
-    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
-    if precision.startswith("bf16") and on_cpu and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+    if precision.startswith("bf16") and runs_on_cpu(accelerator) and not cpu_has_native_bf16():
         log.warning("train.precision=%s on a CPU without native bf16 (%s): emulated, many times slower "
                     "than float32; use train.precision=32 here", precision, torch.backends.cpu.get_cpu_capability())
         return True

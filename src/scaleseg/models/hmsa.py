@@ -22,7 +22,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from scaleseg.errors import ConfigError
@@ -41,6 +40,7 @@ __all__ = [
     "EXPLICIT_HEADS",
     "scale_key",
     "check_scales",
+    "hierarchical_fusion",
     "deeplabv3plus_os8",
 ]
 
@@ -77,6 +77,34 @@ def _scaled_size(x: Tensor, scale: float) -> tuple[int, int]:
         p, q = ratio.numerator, ratio.denominator
         return torch.sym_max(1, h * p // q), torch.sym_max(1, w * p // q)
     return torch.sym_max(1, math.floor(h * scale)), torch.sym_max(1, math.floor(w * scale))
+
+
+def _fuse_step(fused: Tensor, p: Tensor, a: Tensor, scale: float) -> Tensor:
+    """One step of the hierarchical chain (highest scale first): blend the running fusion ``fused``
+    with the next lower scale's logits ``p`` by that scale's attention ``a`` (``B×1×h×w`` at ``p``'s
+    size). At or above 1.0 the result is at ``p``'s size (``fused`` is brought down to it); below
+    1.0 at ``fused``'s size (``a·p`` and ``a`` are brought up), as in the reference."""
+    if scale >= 1.0:
+        return a * p + (1 - a) * _resize(fused, p.shape[-2:])
+    size = fused.shape[-2:]
+    return _resize(a * p, size) + (1 - _resize(a, size)) * fused
+
+
+def hierarchical_fusion(scale_outputs: dict[str, Tensor], scales: Sequence[float]) -> Tensor:
+    """The hierarchical chain over ``scales`` from the per-scale outputs of a run over a superset of
+    them (``forward_features(x, scales=superset, return_scales=True)``: ``pred_<s>x`` logits and
+    ``attn_<s>x`` attention). Each scale's logits and attention depend on its own base run only, so
+    one run over the union of several scale sets gives every set's fusion, equal to running that set
+    alone. → ``B×K×H×W`` logits at the 1.0 scale's size. Raises ConfigError for a missing scale."""
+    order = sorted(check_scales(scales, "scales"), reverse=True)
+    needed = [scale_key("pred", s) for s in order] + [scale_key("attn", s) for s in order[1:]]
+    missing = [k for k in needed if k not in scale_outputs]
+    if missing:
+        raise ConfigError(f"scales={list(scales)!r}: the run has no {', '.join(missing)}; run over a superset of these scales")
+    fused = scale_outputs[scale_key("pred", order[0])]
+    for s in order[1:]:
+        fused = _fuse_step(fused, scale_outputs[scale_key("pred", s)], scale_outputs[scale_key("attn", s)], s)
+    return fused
 
 
 class AttentionHead(nn.Sequential):
@@ -351,14 +379,9 @@ class HierarchicalAttention(_ScaleWrapper):
                     out[scale_key("attn", s)] = a_s
             if pred is None:
                 pred, aux = p, p_aux
-            elif s >= 1.0:
-                pred = a_s * p + (1 - a_s) * _resize(pred, p.shape[-2:])
-                aux = {k: a_s * p_aux[k] + (1 - a_s) * _resize(v, p.shape[-2:]) for k, v in aux.items()}
             else:
-                size = pred.shape[-2:]
-                a_up = _resize(a_s, size)
-                pred = _resize(a_s * p, size) + (1 - a_up) * pred
-                aux = {k: _resize(a_s * p_aux[k], size) + (1 - a_up) * v for k, v in aux.items()}
+                pred = _fuse_step(pred, p, a_s, s)
+                aux = {k: _fuse_step(v, p_aux[k], a_s, s) for k, v in aux.items()}
         out["logits"] = pred
         out.update(aux)
         if keep_runs:
