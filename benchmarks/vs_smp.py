@@ -48,7 +48,8 @@ NUM_CLASSES, OUTPUT_STRIDE, RATES = 19, 16, (6, 12, 18)
 TRAIN_BATCH, TRAIN_SIZE = 2, (512, 512)
 INFER_SIZE = (512, 1024)
 FLOP_SIZE = (512, 512)
-TIMED_TRAIN, TIMED_INFER = 6, 7  # medians of these: single steps spread ±8 % on a shared 2-core VM
+TIMED_TRAIN, TIMED_INFER = 10, 12  # medians of these: single calls spread ±10 % on a 2-core VM
+WARMUP = 2  # untimed rounds first: the first calls after the one in `info` still fault in fresh pages
 THREADS = 2
 RESULTS = Path(__file__).resolve().parent / "results" / "vs_smp.json"
 INSTALL_HINT = ('segmentation_models_pytorch is not installed; install the benchmark extra: '
@@ -165,7 +166,9 @@ def _summary(samples: list[dict], device: str) -> dict:
 def measure(net: str, encoder: str, env: dict[str, str]) -> dict:
     procs = {lib: _measure.start_worker(__file__, [lib, encoder], env) for lib in LIBRARIES}
     info = {lib: _measure.ask(procs[lib], "info") for lib in LIBRARIES}
+    _measure.round_robin(procs, "train", WARMUP)
     train = _measure.round_robin(procs, "train", TIMED_TRAIN)
+    _measure.round_robin(procs, "infer", WARMUP)
     infer = _measure.round_robin(procs, "infer", TIMED_INFER)
     train_mem = _measure.round_robin(procs, "train_memory", 1)
     infer_mem = _measure.round_robin(procs, "infer_memory", 1)
@@ -211,7 +214,7 @@ def main() -> None:
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", HF_HUB_OFFLINE="1")
     result: dict = {"setup": {"num_classes": NUM_CLASSES, "output_stride": OUTPUT_STRIDE, "rates": RATES,
                               "train": [TRAIN_BATCH, *TRAIN_SIZE], "infer": [1, *INFER_SIZE],
-                              "timed_train": TIMED_TRAIN, "timed_infer": TIMED_INFER, "threads": THREADS,
+                              "timed_train": TIMED_TRAIN, "timed_infer": TIMED_INFER, "warmup": WARMUP, "threads": THREADS,
                               "smp": smp.__version__, "load_before": os.getloadavg()}}
     for net, encoder in NETWORKS.items():
         m = measure(net, encoder, env)
