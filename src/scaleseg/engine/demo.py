@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from ..config import load_config
+from ..config import load_config, parse_override
 from ..metrics import ConfusionMatrix, scores
 from ..models.hmsa import HierarchicalAttention, hierarchical_fusion, scale_key
 from .checkpoint import load_model_weights
@@ -30,7 +30,7 @@ COMPOSED = "HMSA + MCIBI hierarchical {0.5, 1, 2}"
 COMPOSED_OVERRIDES = ("model.mcibi.enabled=true", "model.mcibi.channels=64", "model.mcibi.consistency_start_epoch=1")
 
 
-NATIVE_BF16_SPEED = ("train.precision=bf16-mixed", "train.channels_last=true")
+NATIVE_BF16_SPEED = {"train.precision": "bf16-mixed", "train.channels_last": "true"}
 
 
 def native_speed_overrides(overrides: Sequence[str]) -> list[str]:
@@ -41,8 +41,8 @@ def native_speed_overrides(overrides: Sequence[str]) -> list[str]:
     cfg = load_config(demo_config_path(), list(overrides))
     if not (runs_on_cpu(cfg.train.accelerator) and cpu_has_native_bf16()):
         return list(overrides)
-    given = {o.split("=", 1)[0].strip() for o in overrides}
-    return [*overrides, *(o for o in NATIVE_BF16_SPEED if o.split("=", 1)[0] not in given)]
+    given = {".".join(parse_override(o)[0]) for o in overrides}
+    return [*overrides, *(f"{k}={v}" for k, v in NATIVE_BF16_SPEED.items() if k not in given)]
 
 
 def demo_config_path() -> Path:
