@@ -18,7 +18,14 @@ the ASPP output (stride 16) and a bias on the classifier; scaleseg's separable c
 after the depthwise conv (the paper's TF reference), smp's do not. smp's ResNet encoder is
 torchvision's, scaleseg's is timm's (same layers).
 
-Figures, scaleseg ÷ smp, each measured interleaved in one run (every library in its own worker
+scaleseg runs as its commands run it by default: the training step in the layout that
+``train.channels_last=auto`` picks (NHWC for a CPU run on an AVX-512 CPU, NCHW elsewhere, see
+``engine.speed.use_channels_last``), inference through ``ready_for_inference`` (``eval.fold_bn``: BN folded
+into the convs, ``eval.channels_last=auto``). smp runs as its README shows (``model.eval()``, NCHW).
+To show what those defaults buy, a third worker runs scaleseg with smp's settings (NCHW, BN unfolded):
+its ratios are ``*_plain_ratio_<net>``; the two architectures alone are a tie within the noise.
+
+Figures, scaleseg ÷ smp, each measured interleaved in one run (every variant in its own worker
 process, driven one call at a time, round-robin with a rotating order):
 
 * training step (forward, cross-entropy with ignore 255, backward, SGD with momentum) at batch
@@ -43,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _measure  # noqa: E402
 
 NETWORKS = {"r50": "resnet50", "r18": "resnet18"}
-LIBRARIES = ("scaleseg", "smp")
+LIBRARIES = ("scaleseg", "scaleseg_plain", "smp")  # scaleseg_plain: NCHW, BN unfolded, as smp runs
 NUM_CLASSES, OUTPUT_STRIDE, RATES = 19, 16, (6, 12, 18)
 TRAIN_BATCH, TRAIN_SIZE = 2, (512, 512)
 INFER_SIZE = (512, 1024)
@@ -77,23 +84,33 @@ def build(library: str, encoder: str):  # noqa: ANN201
 
 
 class _Bench:
-    """One library's model, optimiser and fixed inputs; measures single calls."""
+    """One variant's model, optimiser and fixed inputs; measures single calls."""
 
     def __init__(self, library: str, encoder: str) -> None:
         import torch
         import torch.nn.functional as F
+
+        from scaleseg.engine.speed import use_channels_last
 
         torch.set_num_threads(THREADS)
         torch.manual_seed(0)
         self.torch, self.F, self.library = torch, F, library
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.cuda = self.device.type == "cuda"
-        self.model = build(library, encoder).to(self.device)
+        self.model = build("smp" if library == "smp" else "scaleseg", encoder).to(self.device)
+        self.defaults = library == "scaleseg"  # scaleseg's default layout and inference preparation
+        self.channels_last = self.defaults and use_channels_last("auto", self.device.type)
+        self.infer_model = None  # built on first use: BN folding needs the trained model in eval mode
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
         g = torch.Generator().manual_seed(0)
         self.image = torch.randn(TRAIN_BATCH, 3, *TRAIN_SIZE, generator=g).to(self.device)
         self.mask = torch.randint(0, NUM_CLASSES, (TRAIN_BATCH, *TRAIN_SIZE), generator=g).to(self.device)
         self.infer_image = torch.randn(1, 3, *INFER_SIZE, generator=g).to(self.device)
+        if self.channels_last:
+            from scaleseg.engine.speed import batch_to_channels_last, to_channels_last
+
+            to_channels_last(self.model)
+            self.image = batch_to_channels_last({"image": self.image})["image"]
         self.steps = 0
         _measure.keep_freed_memory()
 
@@ -117,10 +134,26 @@ class _Bench:
         self._sync()
         self.steps += 1
 
+    def _inference_model(self):  # noqa: ANN202
+        """The model as inference runs it: scaleseg's ``ready_for_inference`` with the default eval
+        config on a copy (BN folded, auto layout), the plain variants ``model.eval()``."""
+        if not self.defaults:
+            return self.model.eval()
+        if self.infer_model is None:
+            import copy
+
+            from scaleseg.config import Config
+            from scaleseg.engine.evaluate import ready_for_inference
+
+            cfg = Config()
+            cfg.train.accelerator = self.device.type
+            self.infer_model = ready_for_inference(copy.deepcopy(self.model).eval(), cfg)
+        return self.infer_model
+
     def _infer(self) -> None:
-        self.model.eval()
+        model = self._inference_model()
         with self.torch.inference_mode():
-            self.model(self.infer_image)
+            model(self.infer_image)
         self._sync()
 
     def info(self) -> dict:
@@ -130,7 +163,7 @@ class _Bench:
         self.model.eval()
         x = self.torch.randn(1, 3, *FLOP_SIZE, device=self.device)
         with self.torch.inference_mode(), FlopCounterMode(display=False) as counter:
-            self.model(x)
+            self.model(x)  # the unfolded network: the architecture compared
         infer_flops = counter.get_total_flops()
         with FlopCounterMode(display=False) as counter:
             self._train_step()
@@ -179,27 +212,30 @@ def measure(net: str, encoder: str, env: dict[str, str]) -> dict:
         raw[lib] = info[lib] | {"train": _summary(train[lib], device), "infer": _summary(infer[lib], device),
                                 "train_peak_mib": train_mem[lib][0]["peak_mib"],
                                 "infer_peak_mib": infer_mem[lib][0]["peak_mib"]}
-    ours, smp = raw["scaleseg"], raw["smp"]
+    ours, plain, smp = raw["scaleseg"], raw["scaleseg_plain"], raw["smp"]
     ratios = {
         f"params_ratio_{net}": ours["params"] / smp["params"],
         f"flops_ratio_{net}": ours["flops"] / smp["flops"],
         f"train_flops_ratio_{net}": ours["train_flops"] / smp["train_flops"],
-        f"train_time_ratio_{net}": ours["train"]["time_s"] / smp["train"]["time_s"],
-        f"train_mem_ratio_{net}": ours["train_peak_mib"] / smp["train_peak_mib"],
-        f"infer_time_ratio_{net}": ours["infer"]["time_s"] / smp["infer"]["time_s"],
-        f"train_wall_ratio_{net}": ours["train"]["wall_s"] / smp["train"]["wall_s"],
-        f"infer_wall_ratio_{net}": ours["infer"]["wall_s"] / smp["infer"]["wall_s"],
-        f"infer_mem_ratio_{net}": ours["infer_peak_mib"] / smp["infer_peak_mib"],
     }
+    for name, variant in (("", ours), ("plain_", plain)):
+        ratios |= {
+            f"train_time_{name}ratio_{net}": variant["train"]["time_s"] / smp["train"]["time_s"],
+            f"train_mem_{name}ratio_{net}": variant["train_peak_mib"] / smp["train_peak_mib"],
+            f"infer_time_{name}ratio_{net}": variant["infer"]["time_s"] / smp["infer"]["time_s"],
+            f"train_wall_{name}ratio_{net}": variant["train"]["wall_s"] / smp["train"]["wall_s"],
+            f"infer_wall_{name}ratio_{net}": variant["infer"]["wall_s"] / smp["infer"]["wall_s"],
+            f"infer_mem_{name}ratio_{net}": variant["infer_peak_mib"] / smp["infer_peak_mib"],
+        }
     unit = "wall" if ours["device"] == "cuda" else "CPU"
     print(f"\nDeepLabV3+ {encoder} OS{OUTPUT_STRIDE}:")
     for lib in LIBRARIES:
         r = raw[lib]
-        print(f"  {lib:>8}: {r['params'] / 1e6:6.2f} M params  {r['flops'] / 1e9:6.1f} GFLOPs (1×512×512)  "
+        print(f"  {lib:>14}: {r['params'] / 1e6:6.2f} M params  {r['flops'] / 1e9:6.1f} GFLOPs (1×512×512)  "
               f"train {r['train']['time_s']:5.2f} s ({unit}, wall {r['train']['wall_s']:5.2f} s)  "
               f"peak {r['train_peak_mib']:7.1f} MiB  infer {r['infer']['time_s']:5.2f} s "
               f"(wall {r['infer']['wall_s']:5.2f} s)  peak {r['infer_peak_mib']:6.1f} MiB", flush=True)
-    print("  scaleseg / smp: " + "  ".join(f"{k.rsplit('_', 1)[0]} {v:.3f}" for k, v in ratios.items()), flush=True)
+    print("  ÷ smp: " + "  ".join(f"{k.rsplit('_', 1)[0]} {v:.3f}" for k, v in ratios.items()), flush=True)
     return {"raw": raw, "ratios": ratios}
 
 
@@ -212,7 +248,9 @@ def main() -> None:
         print(f"note: smp {smp.__version__} installed; the figures in the README are for 0.6.0")
     start = time.perf_counter()
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", HF_HUB_OFFLINE="1")
-    result: dict = {"setup": {"num_classes": NUM_CLASSES, "output_stride": OUTPUT_STRIDE, "rates": RATES,
+    from scaleseg.engine.speed import use_channels_last
+
+    result: dict = {"setup": {"scaleseg_channels_last": use_channels_last("auto", "auto"), "num_classes": NUM_CLASSES, "output_stride": OUTPUT_STRIDE, "rates": RATES,
                               "train": [TRAIN_BATCH, *TRAIN_SIZE], "infer": [1, *INFER_SIZE],
                               "timed_train": TIMED_TRAIN, "timed_infer": TIMED_INFER, "warmup": WARMUP, "threads": THREADS,
                               "smp": smp.__version__, "load_before": os.getloadavg()}}

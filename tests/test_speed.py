@@ -71,8 +71,8 @@ def test_channels_last_task_converts_model_and_batches_with_the_same_step():
     assert moved["mask"] is batch["mask"]
     _no_dropout(eager).train(), _no_dropout(model).train()
     _assert_same_step(eager, model, batch, moved, rtol=1e-4, atol=1e-5)
-    # off by default: batches untouched
-    plain = SegTask(eager, load_config(None, TINY), [str(i) for i in range(K)])
+    # off: batches untouched
+    plain = SegTask(eager, load_config(None, TINY + ["train.channels_last=false"]), [str(i) for i in range(K)])
     assert plain.prepare_batch(batch) is batch
     assert batch_to_channels_last(["not", "a", "dict"]) == ["not", "a", "dict"]
 
@@ -155,12 +155,31 @@ def test_bf16_on_a_cpu_without_native_bf16_is_announced(caplog, monkeypatch):
     assert not warn_emulated_bf16("bf16-mixed", "cpu")
 
 
+@pytest.mark.parametrize(("capability", "accelerator", "expected"), [
+    ("AVX512", "cpu", True), ("AVX512", "auto", True), ("AVX2", "cpu", False), ("DEFAULT", "cpu", False),
+    ("AVX512", "gpu", False)])
+def test_channels_last_auto_is_on_for_cpu_runs_on_avx512_cpus_only(monkeypatch, capability, accelerator, expected):
+    from scaleseg.engine import speed
+
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert speed.use_channels_last("auto", accelerator) is expected
+    assert speed.use_channels_last(True, "gpu") is True and speed.use_channels_last(False, "cpu") is False
+    cfg = load_config(None, TINY)
+    assert cfg.train.channels_last == "auto" and cfg.eval.channels_last == "auto"
+    model, _ = _model(f"train.accelerator={accelerator}")
+    task = SegTask(model, load_config(None, TINY + [f"train.accelerator={accelerator}"]), [str(i) for i in range(K)])
+    conv = next(m for m in model.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3))
+    assert task.channels_last is expected
+    assert conv.weight.is_contiguous() is not expected  # NHWC weights are not NCHW-contiguous
+
+
 def test_eval_channels_last_converts_the_loaded_model_with_the_same_logits(tmp_path):
     from scaleseg.data.scalescenes import SCALESCENES
     from scaleseg.engine.checkpoint import save_weights
     from scaleseg.engine.evaluate import load_trained
 
-    cfg = load_config(None, TINY + ["data.num_images=2"])
+    cfg = load_config(None, TINY + ["data.num_images=2", "eval.channels_last=false"])
     save_weights(scaleseg.create_model(cfg, SCALESCENES.num_classes), tmp_path / "m.safetensors")
     nhwc, _ = load_trained(load_config(None, TINY + ["data.num_images=2", "eval.channels_last=true"]), tmp_path / "m.safetensors")
     nchw, _ = load_trained(cfg, tmp_path / "m.safetensors")

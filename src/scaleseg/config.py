@@ -210,7 +210,10 @@ class TrainConfig:
     limit_train_batches: int | None = None
     checkpoint_every_n_steps: int | None = None
     progress: bool = True
-    channels_last: bool = False  # model and batches in NHWC memory format (see engine/speed.py)
+    # model and batches in NHWC memory format (engine/speed.py). auto: on for CPU runs on AVX-512 CPUs, where
+    # oneDNN's NHWC kernels are faster (DeepLabV3+ R-18 / R-50 training step ×1.16 / ×1.09, benchmarks/vs_smp.py),
+    # off elsewhere (AVX2: ×0.94–0.99; on a GPU it pays with mixed precision: set true there)
+    channels_last: bool | Literal["auto"] = "auto"
     compile: bool = False  # torch.compile the backbone and heads in place for training
     # EMA of the weights (and BN buffers), updated after every optimiser step; validation, the
     # checkpoints' state_dict and model.safetensors hold the EMA weights (engine/ema.py)
@@ -236,10 +239,13 @@ class EvalConfig:
     num_workers: int = 2
     base_size: int | None = None
     compile: bool = False  # torch.compile the backbone and heads in place for eval / predict
-    # model in channels-last (NHWC) memory format for eval / predict. On the CPU it pays for wide networks
-    # on large images (DeepLabV3+ R-50 OS8 at 512×1024: 1.38×) and costs on small ones (the CamVid
-    # R-18 recipe at 4×180×240: 0.75×): measure yours with benchmarks/speed_switches.py
-    channels_last: bool = False
+    # model in channels-last (NHWC) memory format for eval / predict. auto: as train.channels_last (on for
+    # CPU runs on AVX-512 CPUs: DeepLabV3+ R-18 at 512×1024 ×1.26). On AVX2 it pays for wide networks on large
+    # images (R-50 OS8 at 512×1024: ×1.22) and can cost on small ones: benchmarks/speed_switches.py
+    channels_last: bool | Literal["auto"] = "auto"
+    # fold each eval-mode BatchNorm into the conv that feeds it (same logits to float rounding, one pass
+    # over each activation less; models/fold_bn.py) for eval / predict / autolabel / the demo's eval
+    fold_bn: bool = True
     # glibc: large tensors from the heap, freed memory kept for reuse (no page faults when re-allocated;
     # dense 3-scale R-50 OS8 inference at 512×1024: 20 % less CPU time), while eval / predict /
     # autolabel runs; glibc's defaults again after it (engine/speed.py). What PyTorch's CPU tuning

@@ -19,7 +19,7 @@ from .checkpoint import load_model_weights
 from .datamodule import SegDataModule, eval_loader
 from .evaluate import ready_for_inference
 from .report import dump_scale_maps
-from .speed import cpu_has_native_bf16, runs_on_cpu
+from .speed import cpu_has_native_bf16, runs_on_cpu, use_channels_last
 from .train import train, write_text_atomic
 from ..models.factory import create_model
 
@@ -152,7 +152,8 @@ def demo(out: str | Path = "runs/demo", overrides: Sequence[str] = (), quiet: bo
         from ..config import to_yaml
 
         print("# resolved config\n" + to_yaml(cfg))
-    print(f"training in precision {cfg.train.precision}, channels_last={cfg.train.channels_last}"
+    channels_last = use_channels_last(cfg.train.channels_last, cfg.train.accelerator)
+    print(f"training in precision {cfg.train.precision}, channels_last={channels_last}"
           + (" (this CPU has native bf16)" if cfg.train.precision == "bf16-mixed" and runs_on_cpu(cfg.train.accelerator) else ""))
     start = time.perf_counter()
     model = train_run(cfg)
@@ -174,7 +175,7 @@ def demo(out: str | Path = "runs/demo", overrides: Sequence[str] = (), quiet: bo
     total_seconds = time.perf_counter() - start
     summary = {"train_seconds": train_seconds, "eval_seconds": total_seconds - train_seconds,
                "total_seconds": total_seconds, "precision": cfg.train.precision,
-               "channels_last": cfg.train.channels_last, "results": results}
+               "channels_last": channels_last, "results": results}
     write_text_atomic(out / "demo_results.json", json.dumps(summary, indent=2))
     print(f"\nwrote {out / 'demo_results.json'} and {page}")
     return summary

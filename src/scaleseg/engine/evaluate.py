@@ -20,10 +20,11 @@ from ..errors import ConfigError, DataError
 from ..metrics import format_table
 from ..models.dsrl import count_flops
 from ..models.factory import create_model
+from ..models.fold_bn import fold_batchnorm, probe_input
 from ..visualize import colorize, overlay, save_png
 from .checkpoint import load_model_weights
 from .datamodule import SegDataModule
-from .speed import compile_blocks, to_channels_last, with_eval_memory
+from .speed import compile_blocks, to_channels_last, use_channels_last, with_eval_memory
 from .task import SegTask, make_predictor
 from .train import build_trainer, write_text_atomic
 
@@ -40,8 +41,12 @@ def load_trained(cfg: Config, checkpoint: str | Path) -> tuple[Any, SegDataModul
 
 
 def ready_for_inference(model: Any, cfg: Config) -> Any:
-    """The loaded model with ``eval.channels_last`` and ``eval.compile`` applied, in place."""
-    if cfg.eval.channels_last:  # inputs follow: a conv with NHWC weights returns NHWC
+    """The loaded model in eval mode with ``eval.fold_bn``, ``eval.channels_last`` and ``eval.compile``
+    applied, in place."""
+    model.eval()
+    if cfg.eval.fold_bn:
+        fold_batchnorm(model, probe_input(model))
+    if use_channels_last(cfg.eval.channels_last, cfg.train.accelerator):  # inputs follow: a conv with NHWC weights returns NHWC
         to_channels_last(model)
     if cfg.eval.compile:
         compile_blocks(model)

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-__all__ = ["compile_blocks", "to_channels_last", "batch_to_channels_last", "warn_emulated_bf16", "runs_on_cpu", "cpu_has_native_bf16", "reuse_freed_memory",
+__all__ = ["compile_blocks", "to_channels_last", "batch_to_channels_last", "warn_emulated_bf16", "runs_on_cpu", "cpu_has_native_bf16", "use_channels_last", "reuse_freed_memory",
            "reusing_freed_memory", "release_freed_memory", "with_eval_memory", "glibc_mallopt"]
 
 log = logging.getLogger("scaleseg.train")
@@ -141,6 +141,14 @@ def batch_to_channels_last(batch: Any) -> Any:
 def runs_on_cpu(accelerator: str) -> bool:
     """Whether ``train.accelerator`` trains on the CPU ("cpu", or "auto" without CUDA)."""
     return accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+
+
+def use_channels_last(setting: bool | str, accelerator: str) -> bool:
+    """``train.channels_last`` / ``eval.channels_last`` resolved: ``auto`` is on for a CPU run on a CPU
+    with AVX-512 (oneDNN's NHWC convolutions are faster there, README "Speed switches"), off otherwise."""
+    if setting != "auto":
+        return bool(setting)
+    return runs_on_cpu(accelerator) and torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
 
 def cpu_has_native_bf16() -> bool:

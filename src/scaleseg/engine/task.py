@@ -19,7 +19,7 @@ from ..inference import Inferencer
 from ..tiling import TiledInference, chain_function
 from ..metrics import ConfusionMatrix, scores
 from ..types import StepInfo
-from .speed import batch_to_channels_last, to_channels_last
+from .speed import batch_to_channels_last, to_channels_last, use_channels_last
 from .checkpoint import save_weights
 from .stages import (
     StagePlan, announce, apply_stage, keep_frozen_in_eval, plan_stage, stage_at_epoch, stage_lr_factor, stage_weights_path,
@@ -105,7 +105,7 @@ class SegTask(L.LightningModule):
         super().__init__()
         self.model = model
         self.cfg = cfg
-        self.channels_last = cfg.train.channels_last
+        self.channels_last = use_channels_last(cfg.train.channels_last, cfg.train.accelerator)
         if self.channels_last:
             to_channels_last(model)
         self.class_names = list(class_names)
