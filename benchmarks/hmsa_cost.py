@@ -11,7 +11,8 @@ alike. Per variant:
 * ``flops``: forward + backward FLOPs of one training step (``torch.utils.flop_counter``; exact and
   independent of the machine — the paper's figure is training FLOPs 1.0 / 1.25 / 5.25). This first
   step is also the warm-up (it allocates gradients and momentum buffers).
-* ``time_s``: one training step (forward + backward + SGD step), median over ``TIMED_STEPS``. On
+* ``time_s``: one training step (forward + backward + SGD step), median over ``TIMED_STEPS`` (``TIMED_EXPLICIT`` for explicit) after ``WARMUP``
+  untimed rounds. On
   CPU it is the **process CPU time** (all threads; OpenMP threads told not to spin): on a shared
   machine wall time swings up to 10× with other jobs' load, CPU time tracks the work done.
   ``wall_s`` (best of the timed steps) is reported too. On CUDA ``time_s`` is the best wall time.
@@ -41,7 +42,9 @@ import _measure  # noqa: E402  (the glibc and /proc helpers the benchmarks share
 
 VARIANTS = ("single", "hierarchical", "explicit")
 BACKBONE, NUM_CLASSES, BATCH, CROP = "resnet50", 19, 2, 320
-TIMED_STEPS = 3
+WARMUP = 1  # untimed round after the FLOP count: the first steps still fault in fresh pages
+TIMED_STEPS = 8  # single and hierarchical, interleaved: their ratio is the figure to pin (single steps spread ±10 %)
+TIMED_EXPLICIT = 3  # explicit (0.5, 1, 2) takes ~6× a single step
 THREADS = 2
 RESULTS = Path(__file__).resolve().parent / "results" / "hmsa_cost.json"
 
@@ -132,25 +135,6 @@ def worker(variant: str) -> None:
         print(json.dumps(getattr(trainer, line.strip())()), flush=True)
 
 
-def _ask(proc: subprocess.Popen, command: str | None) -> dict:
-    if command is not None:
-        proc.stdin.write(command + "\n")
-        proc.stdin.flush()
-    line = proc.stdout.readline()
-    if not line:
-        sys.exit(f"worker {proc.args[-1]} exited with code {proc.wait()} (its error is printed above)")
-    return json.loads(line)
-
-
-def _round_robin(procs: dict[str, subprocess.Popen], command: str, rounds: int) -> dict[str, list[dict]]:
-    """``rounds`` × each worker once, rotating the order each round."""
-    answers: dict[str, list[dict]] = {v: [] for v in VARIANTS}
-    for r in range(rounds):
-        for v in VARIANTS[r % 3:] + VARIANTS[: r % 3]:
-            answers[v].append(_ask(procs[v], command))
-    return answers
-
-
 def main() -> None:
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", HF_HUB_OFFLINE="1")
     procs = {
@@ -159,10 +143,12 @@ def main() -> None:
         for v in VARIANTS
     }
     for proc in procs.values():
-        _ask(proc, None)  # built
-    figures = {v: {"variant": v} | _ask(procs[v], "flops") for v in VARIANTS}
-    timed = _round_robin(procs, "time", TIMED_STEPS)
-    memory = _round_robin(procs, "memory", 1)
+        _measure.ask(proc, None)  # built
+    figures = {v: {"variant": v} | _measure.ask(procs[v], "flops") for v in VARIANTS}
+    _measure.round_robin(procs, "time", WARMUP)
+    timed = _measure.round_robin({v: procs[v] for v in ("single", "hierarchical")}, "time", TIMED_STEPS)
+    timed |= _measure.round_robin({"explicit": procs["explicit"]}, "time", TIMED_EXPLICIT)
+    memory = _measure.round_robin(procs, "memory", 1)
     for proc in procs.values():
         proc.stdin.close()
         proc.wait()
@@ -180,7 +166,7 @@ def main() -> None:
     single = figures["single"]
     result = {
         "setup": {"trunk": f"DeepLabV3+ {BACKBONE} OS8", "num_classes": NUM_CLASSES, "batch": BATCH,
-                  "crop": CROP, "timed_steps": TIMED_STEPS, "threads": THREADS, "device": single["device"]},
+                  "crop": CROP, "warmup": WARMUP, "timed_steps": TIMED_STEPS, "timed_explicit": TIMED_EXPLICIT, "threads": THREADS, "device": single["device"]},
         "raw": figures,
     }
     for key, variant in (("hier", "hierarchical"), ("explicit", "explicit")):
