@@ -430,7 +430,7 @@ def test_row10_ctrl_c_writes_a_resumable_checkpoint_and_exits_130(finished, tmp_
         time.sleep(0.02)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=900)
-    line = one_error(err, 130, proc.returncode, "interrupted", str(step_ckpt), "--resume auto", f"output_dir={run}")
+    one_error(err, 130, proc.returncode, "interrupted", str(step_ckpt), "--resume auto", f"output_dir={run}")
     assert proc.returncode == 130
     stopped_at = torch.load(step_ckpt, weights_only=True)["global_step"]
     assert stopped_at < 4, "training ended before the interrupt; the test proves nothing"

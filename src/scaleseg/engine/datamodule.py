@@ -9,8 +9,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..config import Config, DataConfig
-from ..data.build import DATASET_OPTIONS, build_dataset  # noqa: F401 - re-exported
+from ..config import Config
+from ..data.build import build_dataset
 from ..data.sampler import EpochSampler
 from ..data.transforms import eval_transform, train_transform
 

@@ -65,11 +65,10 @@ def _glibc() -> Any:
 
 
 def glibc_mallopt(*settings: tuple[int, int]) -> bool:
-    """``mallopt(param, value)`` for each pair; False (nothing set) where there is no glibc."""
+    """``mallopt(param, value)`` for each pair; whether glibc took them all (False where there is
+    no glibc, or it refused a value)."""
     libc = _glibc()
-    for param, value in settings if libc is not None else ():
-        libc.mallopt(param, value)
-    return libc is not None
+    return libc is not None and all([libc.mallopt(param, value) == 1 for param, value in settings])
 
 
 def reuse_freed_memory(enable: bool = True, keep_bytes: int = 1 << 30) -> bool:
