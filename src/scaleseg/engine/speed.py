@@ -19,6 +19,8 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
+from .bf16_grouped_conv import guard_grouped_dilated_convs
+
 __all__ = ["compile_blocks", "to_channels_last", "batch_to_channels_last", "warn_emulated_bf16", "runs_on_cpu", "cpu_has_native_bf16", "use_channels_last", "reuse_freed_memory",
            "reusing_freed_memory", "release_freed_memory", "with_eval_memory", "glibc_mallopt"]
 
@@ -124,7 +126,10 @@ def with_eval_memory(fn: Command) -> Command:
 
 
 def to_channels_last(model: nn.Module) -> nn.Module:
-    """Parameters and buffers of 4-D shape in channels-last (NHWC) memory format, in place."""
+    """Parameters and buffers of 4-D shape in channels-last (NHWC) memory format, in place. Grouped
+    dilated convs are guarded against oneDNN's wrong bf16 weight gradients in that layout
+    (:mod:`scaleseg.engine.bf16_grouped_conv`)."""
+    guard_grouped_dilated_convs(model)
     return model.to(memory_format=torch.channels_last)
 
 
