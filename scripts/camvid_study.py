@@ -37,6 +37,8 @@ TRAIN_SUBSET = 101  # train images scored for the val/train gap (evenly spaced, 
 STRONG = "configs/camvid/deeplabv3plus_r18_strong_cpu.yaml"
 STRONG_HR = "configs/camvid/deeplabv3plus_r18_strong_cpu_hr.yaml"
 STRONG_FR = "configs/camvid/deeplabv3plus_r18_strong_cpu_fr.yaml"
+HOUR = "configs/camvid/deeplabv3plus_r18_os32_weighted_cpu.yaml"
+HOUR_HR = "configs/camvid/deeplabv3plus_r18_os32_weighted_cpu_hr.yaml"
 HOST = "configs/camvid/deeplabv3plus_r18_study_host.yaml"
 ESP = "configs/camvid/espnetv2_city_finetune.yaml"
 ESP_DSRL = "configs/camvid/espnetv2_city_dsrl.yaml"
@@ -75,6 +77,11 @@ ARMS: list[Arm] = [
     Arm("strong_fr", "strong", "phase 3: + 14 epochs at ×1.0, bf16", STRONG_FR,
         ["train.init_weights={runs}/strong_hr/model.safetensors"],
         variants={"flip": ([], ["--flip"])}, needs="{runs}/strong_hr/model.safetensors"),
+    # ---- the hour recipe for a CPU without AMX: OS32 + ENet class weights, the same two phases
+    Arm("hour", "strong", "OS32 + ENet weights, phase 1: 80 epochs at ×0.5, bf16", HOUR),
+    Arm("hour_hr", "strong", "OS32 + ENet weights, phase 2: + 8 epochs at ×0.75, bf16", HOUR_HR,
+        ["train.init_weights={runs}/hour/model.safetensors"],
+        variants={"flip": ([], ["--flip"]), "x1.0": (["eval.infer_scale=1.0"], [])}, needs="{runs}/hour/model.safetensors"),
     # ---- methods against their host, DeepLabV3+ R-18 from scratch, one common schedule
     Arm("host_s0", "methods", "host, seed 0 (= 180×240 input, logits ×2 bilinear)", HOST,
         variants={"avg_0.5_1_2": ([], HIER)}),
