@@ -82,6 +82,11 @@ ARMS: list[Arm] = [
     Arm("hour_hr", "strong", "OS32 + ENet weights, phase 2: + 8 epochs at ×0.75, bf16", HOUR_HR,
         ["train.init_weights={runs}/hour/model.safetensors"],
         variants={"flip": ([], ["--flip"]), "x1.0": (["eval.infer_scale=1.0"], [])}, needs="{runs}/hour/model.safetensors"),
+    # the same without the class weights: what OS32 alone costs, what the weights add
+    Arm("hour_nw", "strong", "OS32, no class weights, phase 1: 80 epochs at ×0.5, bf16", HOUR, ["loss.class_weights=null"]),
+    Arm("hour_nw_hr", "strong", "OS32, no class weights, phase 2: + 8 epochs at ×0.75, bf16", HOUR_HR,
+        ["loss.class_weights=null", "train.init_weights={runs}/hour_nw/model.safetensors"],
+        variants={"flip": ([], ["--flip"])}, needs="{runs}/hour_nw/model.safetensors"),
     # ---- methods against their host, DeepLabV3+ R-18 from scratch, one common schedule
     Arm("host_s0", "methods", "host, seed 0 (= 180×240 input, logits ×2 bilinear)", HOST,
         variants={"avg_0.5_1_2": ([], HIER)}),
