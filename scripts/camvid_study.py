@@ -177,11 +177,12 @@ def evaluate(arm: Arm, run_dir: Path, label: str, overrides: list[str], flags: l
                *overrides, "--checkpoint", str(run_dir / "model.safetensors"), "--out", str(out), "--quiet", *flags]
         run(cmd, run_dir / "eval.log")
     result = json.loads((out / "metrics.json").read_text())
-    result.pop("confusion_matrix", None)
     cmd_text = " ".join(["scaleseg eval", arm.config, *arm.overrides, *overrides,
                          f"--checkpoint {run_dir}/model.safetensors", *flags])
     return {"mIoU": result["mIoU"], "per_class": result["per_class"], "gflops": result.get("gflops"),
-            "params_m": result.get("params_m"), "input_size": result.get("input_size"), "command": cmd_text}
+            "params_m": result.get("params_m"), "input_size": result.get("input_size"), "command": cmd_text,
+            # K×K pixel counts (rows = label, columns = prediction): what a class loses, and to which
+            "confusion_matrix": result.get("confusion_matrix")}
 
 
 def run_arm(arm: Arm, runs: Path, commit: bool) -> None:
