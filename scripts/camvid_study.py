@@ -201,12 +201,12 @@ def run_arm(arm: Arm, runs: Path, commit: bool) -> None:
     wall_file = run_dir / "wall_times.jsonl"
     if not (run_dir / "model.safetensors").exists():
         resume = ["--resume", "auto"] if (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").glob("last*.ckpt")) else []
-        start, load0 = time.time(), os.getloadavg()[0]
+        start, load0, code = time.time(), os.getloadavg()[0], commit_id()  # the commit whose code trains
         run(train_cmd + resume, run_dir / "train.log")
         wall_file.parent.mkdir(parents=True, exist_ok=True)
         with open(wall_file, "a") as fh:
             fh.write(json.dumps({"start": start, "seconds": time.time() - start, "resumed": bool(resume),
-                                 "load_start": load0, "load_end": os.getloadavg()[0], "commit": commit_id()}) + "\n")
+                                 "load_start": load0, "load_end": os.getloadavg()[0], "commit": code}) + "\n")
     segments = [json.loads(line) for line in wall_file.read_text().splitlines()] if wall_file.exists() else []
     evals = {"val": evaluate(arm, run_dir, "val", [], [])}
     evals["train"] = evaluate(arm, run_dir, "train", ["data.val_split=train", f"eval.num_images={TRAIN_SUBSET}"], [])
