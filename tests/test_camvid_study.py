@@ -60,11 +60,11 @@ def test_an_arm_is_trained_scored_recorded_and_then_skipped(study):
         mat = np.asarray(ev["confusion_matrix"], dtype=np.float64)
         assert mat.shape == (len(ev["per_class"]),) * 2 and mat.sum() > 0 and (mat == np.round(mat)).all()
         union = mat.sum(0) + mat.sum(1) - np.diag(mat)
-        for k, (name, recorded) in enumerate(ev["per_class"].items()):
+        for k, (cls, recorded) in enumerate(ev["per_class"].items()):
             if union[k] == 0:
-                assert recorded is None, name
+                assert recorded is None, cls
             else:
-                assert recorded == pytest.approx(100 * mat[k, k] / union[k]), name
+                assert recorded == pytest.approx(100 * mat[k, k] / union[k]), cls
         assert ev["mIoU"] == pytest.approx(np.mean([100 * mat[k, k] / union[k] for k in np.flatnonzero(union)]))
 
     text = (tmp / "results.md").read_text()
